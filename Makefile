@@ -1,0 +1,27 @@
+# The two commands of the README: `make repro` runs the pipeline, `make test` runs the tests.
+# Each creates the virtual environment and installs everything on first use.
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# On an offline machine of this workplace the complete MNIST mirror lies beside the checkout.
+MNIST_MIRROR ?= $(wildcard $(abspath ../shared/data/mnist))
+export MNIST_MIRROR
+
+.PHONY: repro test lint setup
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	# torch and torchvision first, pinned to the builds this machine has on disk
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+repro: $(STAMP)
+	$(BIN)/dvc repro
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
