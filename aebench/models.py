@@ -163,3 +163,19 @@ def mask_noise(x: torch.Tensor, p: float, generator: torch.Generator | None = No
         return x
     keep = torch.rand(x.shape, generator=generator, device=x.device) >= p
     return x * keep / (1 - p)
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, x_uint8: torch.Tensor, pixels: str, *, noise: float = 0.0,
+                noise_seed: int | None = None, batch_size: int = 2000) -> torch.Tensor:
+    """Outputs on [0,1] pixels (unclamped) for uint8 (N, 784) inputs, in eval mode, on the CPU.
+
+    With `noise` > 0 the inputs are first corrupted by mask_noise, seeded by `noise_seed` so every
+    evaluation and figure sees the same noisy digits."""
+    model.eval()
+    gen = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
+    outs = []
+    for chunk in torch.as_tensor(x_uint8).split(batch_size):
+        x = mask_noise(to_model_scale(chunk, pixels), noise, gen)
+        outs.append(to_unit_scale(model(x), pixels))
+    return torch.cat(outs)
