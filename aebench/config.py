@@ -64,7 +64,8 @@ class _Checker:
                 raise ConfigError(f"{self.source}: {key}.{k}: missing key")
         for k in section:
             if k not in expected:
-                self.fail(f"{key}.{k}", section[k], f"unknown key; allowed keys: {', '.join(expected)}")
+                self.fail(f"{key}.{k}", section[k],
+                          f"unknown key; allowed keys: {', '.join(expected)}")
         return section
 
     def choice(self, value: Any, key: str, allowed: tuple[str, ...]) -> None:
@@ -78,7 +79,9 @@ class _Checker:
     def number(self, value: Any, key: str, lo: float, hi: float, lo_open: bool, hi_open: bool):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if ok:
-            ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+            above = value > lo if lo_open else value >= lo
+            below = value < hi if hi_open else value <= hi
+            ok = above and below
         if not ok:
             left, right = "(" if lo_open else "[", ")" if hi_open else "]"
             self.fail(key, value, f"must be a number in {left}{lo}, {hi}{right}")
@@ -151,7 +154,7 @@ def validate_train(section: Any, source: str = "params.yaml") -> dict:
 
 def validate_models(models: Any, source: str = "params.yaml") -> dict:
     if not isinstance(models, dict) or not models:
-        raise ConfigError(f"{source}: models: expected a non-empty mapping of model name to settings")
+        raise ConfigError(f"{source}: models: expected a non-empty mapping of name to settings")
     for name, cfg in models.items():
         validate_model(name, cfg, source)
     return models

@@ -7,14 +7,13 @@ params.yaml; a new kind is one small class here plus its keys in config.py.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import ConfigError
+from .files import atomic_path
 
 LEAKY_SLOPE = 0.3  # Keras's LeakyReLU default (seed 003), not torch's 0.01
 
@@ -124,17 +123,9 @@ def to_unit_scale(y: torch.Tensor, pixels: str) -> torch.Tensor:
 
 # Checkpoints: state_dict plus the config that built it, loadable with weights_only=True.
 def save_checkpoint(path: str | Path, model: nn.Module, name: str, cfg: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"name": name, "config": cfg, "state_dict": state}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_checkpoint(path: str | Path, name: str, expected_cfg: dict | None = None) -> nn.Module:

@@ -13,6 +13,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from .files import write_json
+
 EXPERIMENT = "aebench"
 RUN_INFO = "run.json"  # beside the weights: which MLflow run trained them, on what, how long
 
@@ -73,7 +75,7 @@ def run_tags(stage: str) -> dict[str, str]:
 
 
 def write_run_info(model_dir: str | Path, info: dict[str, Any]) -> None:
-    Path(model_dir, RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    write_json(Path(model_dir, RUN_INFO), info)
 
 
 def read_run_info(model_dir: str | Path) -> dict[str, Any]:

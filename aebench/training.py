@@ -1,0 +1,188 @@
+"""Training: one loop, two paths.
+
+`eager` is the plain loop every tutorial writes: gather a batch, step, read the loss back.
+`fast` keeps the data on the device in the model's pixel scale, shuffles there, accumulates the
+loss there (no host sync inside an epoch), uses the foreach optimizer, and on CUDA captures the
+whole training step (noise, forward, backward, optimizer) as one CUDA graph that each batch
+replays. The models are tiny, so time goes to Python and kernel launches, not arithmetic.
+Both paths draw the same shuffles from the same seed and compute the same step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .metrics import source_loss
+from .models import mask_noise, to_model_scale, to_unit_scale
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN or infinite loss, say)."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def make_optimizer(params, cfg: dict, *, fast: bool, capturable: bool = False):
+    opt = cfg["optimizer"]
+    kw = {"lr": opt["lr"], "weight_decay": opt["weight_decay"], "foreach": fast}
+    if capturable:
+        kw["capturable"] = True
+    if opt["name"] == "adam":
+        return torch.optim.Adam(params, **kw)
+    # Keras's Nadam (seed 003): beta_1 0.9, beta_2 0.999, epsilon 1e-7, schedule decay 0.004.
+    return torch.optim.NAdam(params, betas=(0.9, 0.999), eps=1e-7, momentum_decay=4e-3, **kw)
+
+
+@dataclass
+class History:
+    epochs: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    path: str = "eager"
+    samples: int = 0  # training images seen, over all epochs
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+    @property
+    def final(self) -> dict:
+        return self.epochs[-1]
+
+
+@torch.no_grad()
+def test_mse(model: nn.Module, test_x: torch.Tensor, pixels: str, batch_size: int = 5000):
+    """Mean squared error on [0,1] pixels of the clean test set, as a 0-d tensor (no sync)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=test_x.device, dtype=torch.float64)
+    for x in test_x.split(batch_size):
+        target = to_unit_scale(x, pixels)
+        total += (to_unit_scale(model(x), pixels) - target).double().pow(2).sum()
+    model.train(was_training)
+    return total / test_x.numel()
+
+
+def _step_fn(model, optimizer, cfg):
+    noise, loss_name = cfg["input_noise"], cfg["loss"]
+
+    def step(x):
+        optimizer.zero_grad(set_to_none=False)
+        loss = source_loss(model(mask_noise(x, noise)), x, loss_name)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step
+
+
+class _GraphedStep:
+    """The training step for full batches, captured once as a CUDA graph and replayed.
+
+    Capture needs warm-up steps on a side stream. They would change the weights, so afterwards
+    the parameters are restored and the optimizer state reset to its fresh values, in place,
+    because the graph holds their addresses. Fresh Adam/NAdam state is all zeros except NAdam's
+    running momentum product, which starts at one."""
+
+    def __init__(self, step, model, optimizer, batch_size, device):
+        self.x = torch.zeros(batch_size, 784, device=device)
+        initial = [p.detach().clone() for p in model.parameters()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step(self.x)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = step(self.x)
+        with torch.no_grad():
+            for p, p0 in zip(model.parameters(), initial, strict=True):
+                p.copy_(p0)
+            for state in optimizer.state.values():
+                for key, value in state.items():
+                    if torch.is_tensor(value):
+                        value.fill_(1.0 if key == "mu_product" else 0.0)
+
+    def __call__(self, x):
+        self.x.copy_(x)
+        self.graph.replay()
+        return self.loss
+
+
+def train(model: nn.Module, cfg: dict, train_x: torch.Tensor, test_x: torch.Tensor, *,
+          device: torch.device, seed: int, path: str = "fast", name: str = "model",
+          progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> History:
+    """Train `model` as `cfg` (one validated models.<name> entry) says; return its history.
+
+    `train_x` and `test_x` are uint8 (N, 784) tensors. Each epoch records the training loss in
+    the source's own scale (mean over the epoch's batches, and the last batch as seed 002
+    printed it) and the test MSE on [0,1] pixels."""
+    pixels, bs = cfg["pixels"], cfg["batch_size"]
+    fast = path == "fast"
+    graphed = fast and device.type == "cuda"
+    model.to(device).train()
+    # The fast path converts once and keeps everything on the device; eager moves each batch.
+    data = to_model_scale(train_x.to(device), pixels) if fast else to_model_scale(train_x, pixels)
+    test = to_model_scale(test_x.to(device), pixels)
+    optimizer = make_optimizer(model.parameters(), cfg, fast=fast, capturable=graphed)
+    step = _step_fn(model, optimizer, cfg)
+    n = data.shape[0]
+    n_full = n // bs
+    full_step = step
+    if graphed and n_full > 0:
+        try:
+            full_step = _GraphedStep(step, model, optimizer, bs, device)
+        except Exception as err:  # noqa: BLE001 - fall back rather than fail the run
+            warnings.warn(f"{name}: CUDA graph capture failed ({err}); using the plain fast path",
+                          stacklevel=2)
+            graphed = False
+    gen = torch.Generator(device=data.device if fast else "cpu").manual_seed(seed)
+    history = History(path="fast+cudagraph" if graphed else path)
+    bar = tqdm(range(1, cfg["epochs"] + 1), desc=f"train {name}", unit="epoch",
+               disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    for epoch in bar:
+        perm = torch.randperm(n, device=gen.device, generator=gen)
+        if fast:
+            total = torch.zeros((), device=device)
+            for i in range(0, n, bs):
+                idx = perm[i:i + bs]
+                loss = (full_step if len(idx) == bs else step)(data[idx])
+                total += loss.detach()
+            mean_loss, last_loss = (total / math.ceil(n / bs)).item(), loss.item()
+        else:
+            losses = []
+            for i in range(0, n, bs):
+                loss = step(data[perm[i:i + bs]].to(device))
+                losses.append(loss.item())
+            mean_loss, last_loss = sum(losses) / len(losses), losses[-1]
+        if not (math.isfinite(mean_loss) and math.isfinite(last_loss)):
+            raise TrainingError(f"model {name}: training loss is {mean_loss} at epoch {epoch}; "
+                                "stopping (no weights written)")
+        record = {"epoch": epoch, "train_loss": mean_loss, "train_loss_last_batch": last_loss,
+                  "test_mse": test_mse(model, test, pixels).item()}
+        history.epochs.append(record)
+        bar.set_postfix(loss=f"{mean_loss:.4g}", test_mse=f"{record['test_mse']:.4g}")
+        if on_epoch:
+            on_epoch(record)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    history.seconds = time.perf_counter() - start
+    history.samples = n * cfg["epochs"]
+    return history
