@@ -1,0 +1,177 @@
+"""Training speed: the seed tutorials' loop against the project's training path, side by side.
+
+    python benchmarks/train_speed.py data/csv [--epochs N] [--models a,b] [--device auto]
+        [--out benchmarks/results/train_speed-<device>.json]
+    python benchmarks/train_speed.py data/csv --pipeline   # time every stage after `convert`
+
+The seed-style loop is what seeds 000-002 run: a torchvision-style Dataset that turns each image
+into a PIL image and then a tensor (ToTensor, Normalize) one at a time on the CPU, a DataLoader,
+and `loss.item()` each step. Both loops train the same model (same params.yaml entry, seed,
+batch size) for the same number of epochs; the table gives seconds per epoch each way, their
+ratio, and the test MSE on [0,1] pixels each way. Run it on an idle machine: it measures
+wall-clock time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from aebench import config, data, models, training  # noqa: E402
+from aebench.metrics import source_loss  # noqa: E402
+
+
+class SeedStyleMNIST(Dataset):
+    """What torchvision.datasets.MNIST does per item: uint8 row -> PIL image -> transform."""
+
+    def __init__(self, pixels: np.ndarray, transform):
+        self.images = torch.from_numpy(pixels).view(-1, 28, 28)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i].numpy(), mode="L")), 0
+
+
+def seed_style_train(model, cfg, train_pixels, device, seed):
+    """The tutorials' loop, with their per-image conversion; returns seconds."""
+    steps = [transforms.ToTensor()]
+    if cfg["pixels"] == "-1,1":
+        steps.append(transforms.Normalize((0.5,), (0.5,)))
+    torch.manual_seed(seed)
+    loader = DataLoader(SeedStyleMNIST(train_pixels, transforms.Compose(steps)),
+                        batch_size=cfg["batch_size"], shuffle=True)
+    optimizer = training.make_optimizer(model.parameters(), cfg, fast=False)
+    model.to(device).train()
+    start = time.perf_counter()
+    for _ in range(cfg["epochs"]):
+        for img, _ in loader:
+            img = img.view(img.size(0), -1).to(device)
+            output = model(models.mask_noise(img, cfg["input_noise"]))
+            loss = source_loss(output, img, cfg["loss"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()  # the tutorials print or collect it
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def benchmark_model(name, cfg, train_pixels, test_x, device, seed, path):
+    torch.manual_seed(seed)
+    seed_model = models.build_model(cfg)
+    seed_seconds = seed_style_train(seed_model, cfg, train_pixels, device, seed)
+    seed_mse = training.test_mse(seed_model, models.to_model_scale(test_x.to(device),
+                                                                    cfg["pixels"]),
+                                 cfg["pixels"]).item()
+    torch.manual_seed(seed)
+    ours = models.build_model(cfg)
+    # One warm-up epoch first: CUDA graph capture and allocator warm-up are one-off costs.
+    if device.type == "cuda":
+        training.train(models.build_model(cfg), dict(cfg, epochs=1), torch.from_numpy(train_pixels),
+                       test_x, device=device, seed=seed, path=path, progress=False)
+    history = training.train(ours, cfg, torch.from_numpy(train_pixels), test_x, device=device,
+                             seed=seed, path=path, name=name, progress=False)
+    epochs = cfg["epochs"]
+    return {"model": name, "epochs": epochs, "batch_size": cfg["batch_size"],
+            "seed_style_s_per_epoch": seed_seconds / epochs,
+            "ours_s_per_epoch": history.seconds / epochs,
+            "speedup": seed_seconds / history.seconds, "path": history.path,
+            "seed_style_test_mse": seed_mse, "ours_test_mse": history.final["test_mse"]}
+
+
+def time_pipeline(root: Path) -> list[dict]:
+    """Run each stage command of dvc.yaml after `convert`, as DVC would, and time each."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    params = config.load_params(root / "params.yaml")
+    commands = []
+    for stage_name, stage in stages.items():
+        if stage_name in ("download", "convert"):
+            continue
+        if "foreach" in stage:
+            commands += [(f"{stage_name}@{key}", stage["do"]["cmd"].replace("${key}", key))
+                         for key in params["models"]]
+        else:
+            commands.append((stage_name, stage["cmd"]))
+    rows = []
+    for label, cmd in commands:
+        start = time.perf_counter()
+        subprocess.run(shlex.split(cmd.replace("python ", f"{sys.executable} ", 1)), cwd=root,
+                       check=True, stdout=subprocess.DEVNULL)
+        rows.append({"stage": label, "seconds": time.perf_counter() - start})
+        print(f"{label:22s} {rows[-1]['seconds']:7.1f} s", flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("csv_dir", type=Path)
+    ap.add_argument("--epochs", type=int, default=1, help="epochs per model each way")
+    ap.add_argument("--models", default="", help="comma-separated names (default: all)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--path", default="fast", choices=("fast", "eager"))
+    ap.add_argument("--pipeline", action="store_true", help="time the stages after convert")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    device = training.pick_device(args.device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    info = {"device": str(device), "device_name": name, "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
+    print(f"# device {device} ({name}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads", flush=True)
+    if args.pipeline:
+        start = time.perf_counter()
+        rows = time_pipeline(ROOT)
+        result = {**info, "mode": "pipeline", "stages": rows,
+                  "total_seconds": time.perf_counter() - start}
+        print(f"{'total':22s} {result['total_seconds']:7.1f} s")
+    else:
+        params = config.load_params(ROOT / "params.yaml")
+        seed = params["train"]["seed"]
+        chosen = args.models.split(",") if args.models else list(params["models"])
+        _, train_pixels = data.read_mnist_csv(args.csv_dir / "mnist_train.csv")
+        _, test_pixels = data.read_mnist_csv(args.csv_dir / "mnist_test.csv")
+        test_x = torch.from_numpy(test_pixels)
+        print("| model | epochs | batch | seed-style s/epoch | ours s/epoch | speed-up | "
+              "seed-style test MSE | ours test MSE |\n|---|---|---|---|---|---|---|---|",
+              flush=True)
+        rows = []
+        for model_name in chosen:
+            cfg = config.validate_model(model_name, params["models"][model_name])
+            cfg = dict(cfg, epochs=args.epochs)
+            r = benchmark_model(model_name, cfg, train_pixels, test_x, device, seed, args.path)
+            rows.append(r)
+            print(f"| {model_name} | {r['epochs']} | {r['batch_size']} | "
+                  f"{r['seed_style_s_per_epoch']:.2f} | {r['ours_s_per_epoch']:.3f} | "
+                  f"{r['speedup']:.1f}x | {r['seed_style_test_mse']:.5f} | "
+                  f"{r['ours_test_mse']:.5f} |", flush=True)
+        result = {**info, "mode": "train", "epochs": args.epochs, "path": args.path,
+                  "models": rows}
+    out = args.out or ROOT / "benchmarks" / "results" / (
+        f"{'pipeline' if args.pipeline else 'train_speed'}-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"# written {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+
+
+if __name__ == "__main__":
+    main()
