@@ -143,7 +143,10 @@ def load_checkpoint(path: str | Path, name: str, expected_cfg: dict | None = Non
         raise ValueError(f"{path}: checkpoint config does not match params.yaml models.{name} "
                          f"(differs in: {', '.join(diff)}); rerun `dvc repro train@{name}`")
     model = build_model(cfg)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit models.{name} ({err})") from None
     return model.eval()
 
 
