@@ -1,8 +1,8 @@
 """Metrics on one common scale, and the optimal linear (PCA) baseline.
 
 Every reconstruction metric compares outputs mapped to [0,1] pixels (not clamped, so a model
-that overshoots pays for it) with the test images / 255. Sums run in float64: 10,000 x 784
-squared errors summed in float32 would lose digits the 6-significant-digit metrics files show.
+that overshoots pays for it) with the test images / 255. Sums run in float64, so the digits
+the metrics files keep (6 significant) do not depend on float32 summation order.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +19,7 @@ from .models import reconstruct
 
 N_PIXELS = 784
 DIGITS = range(10)
+MODEL_FACTS = ("params", "latent_dim", "train_seconds", "samples_per_second", "device")
 BCE_EPS = 1e-7  # Keras's clip (seed 003); the same clip for every model keeps bce comparable
 
 
@@ -31,6 +33,12 @@ def source_loss(output: torch.Tensor, target: torch.Tensor, loss: str) -> torch.
         # Keras clips probabilities to [1e-7, 1 - 1e-7] before the log (seed 003).
         return F.binary_cross_entropy(output.clamp(BCE_EPS, 1 - BCE_EPS), target)
     raise ValueError(f"unknown loss {loss!r}")
+
+
+def as_tensor(a) -> torch.Tensor:
+    """A tensor of `a`; numpy arrays are copied, because read_mnist_csv's are read-only and
+    torch warns about (and must not write to) those."""
+    return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a))
 
 
 def psnr(mse: float) -> float:
@@ -52,7 +60,7 @@ def reconstruction_metrics(pred01: torch.Tensor, target01: torch.Tensor,
     "0".."9" for each digit present in `labels`."""
     pred = pred01.double()
     target = target01.double()
-    labels = torch.as_tensor(labels)
+    labels = as_tensor(labels)
     se_per_image = ((pred - target) ** 2).sum(dim=1)
     n_pixels = pred.shape[1]
     mse_all = float(se_per_image.sum()) / pred.numel()
@@ -126,10 +134,10 @@ def _from_unit(y01: torch.Tensor, pixels: str) -> torch.Tensor:
 def evaluate_model(model: nn.Module, cfg: dict, test_labels, test_pixels,
                    noise_seed: int) -> dict[str, Any]:
     """All test metrics of one model: reconstruction_metrics of its [0,1] outputs, `test_loss`
-    in its own training scale, `denoise_mse` / `noisy_input_mse` for a model trained on noisy
-    inputs (cfg["input_noise"] > 0), `params` and `latent_dim`."""
+    in its own training scale (`loss` names it), `denoise_mse` / `noisy_input_mse` for a model
+    trained on noisy inputs (cfg["input_noise"] > 0), `params` and `latent_dim`."""
     pixels = cfg["pixels"]
-    x = torch.as_tensor(test_pixels)
+    x = as_tensor(test_pixels)
     clean01 = x.double() / 255
     pred01 = reconstruct(model, x, pixels).double()
     out = reconstruction_metrics(pred01, clean01, test_labels)
@@ -137,6 +145,7 @@ def evaluate_model(model: nn.Module, cfg: dict, test_labels, test_pixels,
     # rounding of (y + 1) / 2), so one forward pass serves both scales.
     out["test_loss"] = float(source_loss(_from_unit(pred01, pixels), _from_unit(clean01, pixels),
                                          cfg["loss"]))
+    out["loss"] = cfg["loss"]
     p = cfg["input_noise"]
     if p > 0:
         denoised01 = reconstruct(model, x, pixels, noise=p, noise_seed=noise_seed)
@@ -151,14 +160,16 @@ def evaluate_model(model: nn.Module, cfg: dict, test_labels, test_pixels,
 
 
 def flat_metrics(metrics: dict[str, Any], prefix: str = "test_") -> dict[str, float]:
-    """Numeric metrics flattened for MLflow: mse -> test_mse, mse_per_digit["3"] ->
-    test_mse_digit_3. Strings (device) are left out; MLflow metrics are numbers."""
+    """The test metrics of `metrics` flattened for MLflow: mse -> test_mse, test_loss stays,
+    mse_per_digit["3"] -> test_mse_digit_3. Facts about the model rather than its test
+    results (params, latent_dim, training time, device) and strings are left out."""
     out: dict[str, float] = {}
     for key, value in metrics.items():
         if key == "mse_per_digit":
             out.update({f"{prefix}mse_digit_{d}": float(v) for d, v in value.items()})
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[f"{prefix}{key}"] = float(value)
+        elif (key not in MODEL_FACTS and isinstance(value, (int, float))
+              and not isinstance(value, bool) and math.isfinite(value)):
+            out[key if key.startswith(prefix) else f"{prefix}{key}"] = float(value)
     return out
 
 

@@ -1,0 +1,87 @@
+"""Stage evaluate: every model of params.yaml on the 10,000 test images, on one common scale.
+
+    python -m stages.evaluate CSV_DIR MODELS_DIR METRICS_JSON
+
+Reads params.yaml sections `models` and `evaluate` (noise_seed). Loads MODELS_DIR/<name>/
+weights.pt and run.json for every model, writes METRICS_JSON ({name: metrics}, in params order)
+and adds the test metrics to the MLflow run that trained each model.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from aebench import config, data, files, metrics, models, tracking
+
+
+def noise_seed(section) -> int:
+    seed = section.get("noise_seed") if isinstance(section, dict) else None
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise config.ConfigError(f"params.yaml: evaluate.noise_seed: {seed!r} is not allowed; "
+                                 "must be an integer")
+    return seed
+
+
+def load_trained(models_dir: Path, models_cfg: dict) -> dict:
+    """{name: (model, run_info)} for every model, all checked before any evaluation starts."""
+    loaded = {}
+    for name, cfg in models_cfg.items():
+        model_dir = models_dir / name
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"{model_dir}: missing; model {name!r} has not been trained "
+                                    f"(run `dvc repro train@{name}`)")
+        weights = model_dir / "weights.pt"
+        try:
+            model = models.load_checkpoint(weights, name, expected_cfg=cfg)
+        except RuntimeError as err:  # load_state_dict: right config, wrong tensors
+            raise ValueError(f"{weights}: weights do not fit models.{name}: {err}") from None
+        loaded[name] = model, tracking.read_run_info(model_dir)
+    return loaded
+
+
+def log_test_metrics(results: dict, loaded: dict) -> None:
+    """Add each model's test metrics to its training run. A run missing from this store (models
+    pulled from a DVC remote, a fresh mlflow.db) is a warning: metrics.json is the record."""
+    from mlflow.exceptions import MlflowException
+
+    for name, result in results.items():
+        run_id = loaded[name][1]["run_id"]
+        extra = {"n_params": result["params"], "latent_dim": result["latent_dim"]}
+        try:
+            tracking.log_to_run(run_id, metrics={**metrics.flat_metrics(result), **extra})
+        except MlflowException as err:
+            print(f"warning: {name}: test metrics not logged to MLflow run {run_id} at "
+                  f"{tracking.tracking_uri()}: {err.message}", file=sys.stderr)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    csv_dir, models_dir, out_path = Path(argv[0]), Path(argv[1]), Path(argv[2])
+    params = config.load_params("params.yaml")
+    models_cfg = config.validate_models(params.get("models"))
+    seed = noise_seed(params.get("evaluate"))
+
+    loaded = load_trained(models_dir, models_cfg)
+    tracking.open_store()  # an unusable store fails here, before the evaluation
+    labels, pixels = data.read_mnist_csv(csv_dir / "mnist_test.csv")
+    results = {}
+    for name, (model, info) in loaded.items():
+        result = metrics.evaluate_model(model, models_cfg[name], labels, pixels, seed)
+        result.update({k: info.get(k) for k in ("train_seconds", "samples_per_second", "device")})
+        results[name] = result
+        print(f"evaluate: {name}: mse {result['mse']:.5f}, sse/image "
+              f"{result['sse_per_image']:.2f}", file=sys.stderr)
+    files.write_json(out_path, metrics.rounded(results))
+    log_test_metrics(results, loaded)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (config.ConfigError, tracking.TrackingError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
