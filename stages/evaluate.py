@@ -31,11 +31,7 @@ def load_trained(models_dir: Path, models_cfg: dict) -> dict:
         if not model_dir.is_dir():
             raise FileNotFoundError(f"{model_dir}: missing; model {name!r} has not been trained "
                                     f"(run `dvc repro train@{name}`)")
-        weights = model_dir / "weights.pt"
-        try:
-            model = models.load_checkpoint(weights, name, expected_cfg=cfg)
-        except RuntimeError as err:  # load_state_dict: right config, wrong tensors
-            raise ValueError(f"{weights}: weights do not fit models.{name}: {err}") from None
+        model = models.load_checkpoint(model_dir / "weights.pt", name, expected_cfg=cfg)
         loaded[name] = model, tracking.read_run_info(model_dir)
     return loaded
 
