@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 # On an offline machine of this workplace the complete MNIST mirror lies beside the checkout.
 MNIST_MIRROR ?= $(wildcard $(abspath ../shared/data/mnist))
 export MNIST_MIRROR
+# dvc.yaml's commands say `python`: make it the environment's, as an activated venv would.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: repro test lint setup
 setup: $(STAMP)
