@@ -133,6 +133,9 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     device = training.pick_device(args.device)
+    # The project's training flushes subnormal floats on the CPU (see aebench/training.py); do
+    # the same for the seed-style loop, so the table compares loops, not float handling.
+    torch.set_flush_denormal(True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     info = {"device": str(device), "device_name": name, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
