@@ -152,6 +152,14 @@ def validate_train(section: Any, source: str = "params.yaml") -> dict:
     return section
 
 
+def validate_evaluate(section: Any, source: str = "params.yaml") -> dict:
+    c = _Checker(source)
+    c.keys(section, "evaluate", ("noise_seed",))
+    if isinstance(section["noise_seed"], bool) or not isinstance(section["noise_seed"], int):
+        c.fail("evaluate.noise_seed", section["noise_seed"], "must be an integer")
+    return section
+
+
 def validate_models(models: Any, source: str = "params.yaml") -> dict:
     if not isinstance(models, dict) or not models:
         raise ConfigError(f"{source}: models: expected a non-empty mapping of name to settings")

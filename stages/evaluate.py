@@ -15,14 +15,6 @@ from pathlib import Path
 from aebench import config, data, files, metrics, models, tracking
 
 
-def noise_seed(section) -> int:
-    seed = section.get("noise_seed") if isinstance(section, dict) else None
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise config.ConfigError(f"params.yaml: evaluate.noise_seed: {seed!r} is not allowed; "
-                                 "must be an integer")
-    return seed
-
-
 def load_trained(models_dir: Path, models_cfg: dict) -> dict:
     """{name: (model, run_info)} for every model, all checked before any evaluation starts."""
     loaded = {}
@@ -58,7 +50,7 @@ def main(argv: list[str]) -> int:
     csv_dir, models_dir, out_path = Path(argv[0]), Path(argv[1]), Path(argv[2])
     params = config.load_params("params.yaml")
     models_cfg = config.validate_models(params.get("models"))
-    seed = noise_seed(params.get("evaluate"))
+    seed = config.validate_evaluate(params.get("evaluate"))["noise_seed"]
 
     loaded = load_trained(models_dir, models_cfg)
     tracking.open_store()  # an unusable store fails here, before the evaluation
