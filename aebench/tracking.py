@@ -86,15 +86,16 @@ def read_run_info(model_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: missing; rerun the model's train stage") from None
 
 
-def log_to_run(run_id: str, *, metrics: dict[str, float] | None = None,
+def log_to_run(run_id: str, *, metrics: dict[str, float] | None = None, step: int = 0,
                artifacts: list[str | Path] = (), artifact_path: str | None = None) -> None:
-    """Add metrics and files to an existing run (the run that trained the model)."""
+    """Add metrics (at `step`) and files to an existing run (the run that trained the model)."""
     import mlflow
     from mlflow.entities import Metric
 
     client = mlflow.MlflowClient()
     if metrics:
         now = mlflow.utils.time.get_current_time_millis()
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step)
+                                          for k, v in metrics.items()])
     for path in artifacts:
         client.log_artifact(run_id, str(path), artifact_path)

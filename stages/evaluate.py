@@ -37,7 +37,9 @@ def log_test_metrics(results: dict, loaded: dict) -> None:
         run_id = loaded[name][1]["run_id"]
         extra = {"n_params": result["params"], "latent_dim": result["latent_dim"]}
         try:
-            tracking.log_to_run(run_id, metrics={**metrics.flat_metrics(result), **extra})
+            # At the last epoch's step: `test_mse` then ends the per-epoch curve training logged.
+            tracking.log_to_run(run_id, metrics={**metrics.flat_metrics(result), **extra},
+                                step=loaded[name][1]["epochs"])
         except MlflowException as err:
             print(f"warning: {name}: test metrics not logged to MLflow run {run_id} at "
                   f"{tracking.tracking_uri()}: {err.message}", file=sys.stderr)
