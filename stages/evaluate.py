@@ -28,7 +28,7 @@ def load_trained(models_dir: Path, models_cfg: dict) -> dict:
     return loaded
 
 
-def log_test_metrics(results: dict, loaded: dict) -> None:
+def log_test_metrics(results: dict, loaded: dict, models_cfg: dict) -> None:
     """Add each model's test metrics to its training run. A run missing from this store (models
     pulled from a DVC remote, a fresh mlflow.db) is a warning: metrics.json is the record."""
     from mlflow.exceptions import MlflowException
@@ -39,7 +39,7 @@ def log_test_metrics(results: dict, loaded: dict) -> None:
         try:
             # At the last epoch's step: `test_mse` then ends the per-epoch curve training logged.
             tracking.log_to_run(run_id, metrics={**metrics.flat_metrics(result), **extra},
-                                step=loaded[name][1]["epochs"])
+                                step=models_cfg[name]["epochs"])
         except MlflowException as err:
             print(f"warning: {name}: test metrics not logged to MLflow run {run_id} at "
                   f"{tracking.tracking_uri()}: {err.message}", file=sys.stderr)
@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
         print(f"evaluate: {name}: mse {result['mse']:.5f}, sse/image "
               f"{result['sse_per_image']:.2f}", file=sys.stderr)
     files.write_json(out_path, metrics.rounded(results))
-    log_test_metrics(results, loaded)
+    log_test_metrics(results, loaded, models_cfg)
     return 0
 
 
