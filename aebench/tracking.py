@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -87,15 +88,26 @@ def read_run_info(model_dir: str | Path) -> dict[str, Any]:
 
 
 def log_to_run(run_id: str, *, metrics: dict[str, float] | None = None, step: int = 0,
-               artifacts: list[str | Path] = (), artifact_path: str | None = None) -> None:
-    """Add metrics (at `step`) and files to an existing run (the run that trained the model)."""
+               artifacts: list[str | Path] = (), artifact_path: str | None = None,
+               what: str = "metrics") -> bool:
+    """Add metrics (at `step`) and files to an existing run (the run that trained the model).
+
+    A run missing from this store (models pulled from a DVC remote, a fresh mlflow.db) is a
+    warning, not a failure: the files DVC tracks are the record. Returns whether it was logged."""
     import mlflow
     from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
-    if metrics:
-        now = mlflow.utils.time.get_current_time_millis()
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step)
-                                          for k, v in metrics.items()])
-    for path in artifacts:
-        client.log_artifact(run_id, str(path), artifact_path)
+    try:
+        if metrics:
+            now = mlflow.utils.time.get_current_time_millis()
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, step)
+                                              for k, v in metrics.items()])
+        for path in artifacts:
+            client.log_artifact(run_id, str(path), artifact_path)
+    except MlflowException as err:
+        print(f"warning: {what} not logged to MLflow run {run_id} at {mlflow.get_tracking_uri()}: "
+              f"{err.message}", file=sys.stderr)
+        return False
+    return True

@@ -194,7 +194,6 @@ def draw(out_dir: Path, cfgs: dict, nets: dict, metrics: dict, pca: dict, pca_cu
 def log_figures(out_dir: Path, shown: dict[str, list[str]], models_dir: Path) -> None:
     """Each PNG to the run of every model it shows. A run missing from this store (models
     pulled from a DVC remote, a fresh mlflow.db) is a warning: plots/figures is the record."""
-    from mlflow.exceptions import MlflowException
 
     per_model: dict[str, list[Path]] = {}
     for png, names in shown.items():
@@ -202,11 +201,7 @@ def log_figures(out_dir: Path, shown: dict[str, list[str]], models_dir: Path) ->
             per_model.setdefault(n, []).append(out_dir / png)
     for n, pngs in per_model.items():
         run_id = tracking.read_run_info(models_dir / n)["run_id"]
-        try:
-            tracking.log_to_run(run_id, artifacts=pngs, artifact_path="figures")
-        except MlflowException as err:
-            print(f"warning: {n}: figures not logged to MLflow run {run_id} at "
-                  f"{tracking.tracking_uri()}: {err.message}", file=sys.stderr)
+        tracking.log_to_run(run_id, artifacts=pngs, artifact_path="figures", what=f"{n}: figures")
 
 
 def main(argv: list[str]) -> int:
