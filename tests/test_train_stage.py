@@ -49,6 +49,9 @@ def test_writes_weights_run_info_and_curve(workdir):
     assert run.info.run_name == "sigmoid100" and run.info.status == "FINISHED"
     assert run.data.params["optimizer.lr"] == "0.01" and run.data.params["device"] == "cpu"
     assert run.data.tags["dvc_stage"] == "train@sigmoid100"
+    experiment = mlflow.get_experiment(run.info.experiment_id)
+    assert experiment.name == "aebench"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     history = mlflow.MlflowClient().get_metric_history(info["run_id"], "test_mse")
     assert [m.step for m in history] == [1, 2]
 
