@@ -54,7 +54,7 @@ def open_store(cwd: str | Path | None = None) -> str:
         if uri.startswith("sqlite:///"):
             # Keep artifacts beside the database, by absolute path, whatever the cwd of a run.
             artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-        # Without this tag MLflow 3's UI opens the experiment on its GenAI (traces) pages.
+        # MLflow 3 marks an experiment as model training (rather than GenAI) with this tag.
         return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts,
                                         tags={"mlflow.experimentKind": "custom_model_development"})
     except Exception as err:  # noqa: BLE001 - MLflow raises many types for an unusable store
