@@ -1,0 +1,153 @@
+"""`aebench compare [A] [B]`: a noise-aware diff of the headline metrics of two revisions.
+
+`dvc metrics diff` subtracts means; this asks whether the change is larger than the spread across
+seeds. Each model entry of the metrics files holds, per metric, the mean and std over n seeds, so
+Welch's t-test runs from those summary statistics. A defaults to HEAD, B to the workspace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from scipy import stats
+
+ALPHA = 0.05
+METRICS = ("mse", "sse_per_image", "test_loss")  # lower is better for each
+WORKSPACE = "workspace"
+DASH = "—"
+
+
+def load(rev: str | None, repo: str | None = None) -> dict:
+    """Every metrics file that dvc.yaml names, at `rev` (None: the workspace), merged by DVC into
+    one dict of entries; raises DVC's errors (bad revision, missing or corrupt file)."""
+    import dvc.api  # imported here: it takes a second, and --help should not
+    from dvc.repo import Repo
+
+    # Outside a DVC repository dvc.api would try to clone the path as a remote ("SCM error"):
+    # find the root first, which fails with a clear "not inside of a DVC repository".
+    return dvc.api.metrics_show(repo=Repo.find_root(repo), rev=rev)
+
+
+def split(metrics: dict) -> tuple[dict, dict]:
+    """(models, baselines): model entries carry n (seeds); deterministic ones (PCA) do not."""
+    models = {k: v for k, v in metrics.items() if isinstance(v, dict) and "n" in v}
+    baselines = {k: v for k, v in metrics.items() if isinstance(v, dict) and "n" not in v}
+    return models, baselines
+
+
+def summary(entry: dict, model: str, metric: str) -> tuple[float, float, int] | None:
+    """(mean, std, n) of one metric; test_loss is left out of the file when it equals mse."""
+    value = entry.get(metric) or (entry.get("mse") if metric == "test_loss" else None)
+    try:
+        return None if value is None else (value["mean"], value["std"], entry["n"])
+    except (KeyError, TypeError):
+        raise ValueError(f"{model}.{metric}: expected {{mean, std}} and n, got {value!r}") from None
+
+
+def verdict(a: tuple, b: tuple, alpha: float = ALPHA) -> tuple[float | None, str]:
+    """(p-value, word) for a change from A to B, each (mean, std, n). Zero std on both sides
+    means the seeds agree exactly (a deterministic run), so any change in the mean is real."""
+    (ma, sa, na), (mb, sb, nb) = a, b
+    if na < 2 or nb < 2:
+        return None, "one run"
+    if sa == 0 and sb == 0:
+        p = 1.0 if ma == mb else 0.0
+    else:
+        p = float(stats.ttest_ind_from_stats(ma, sa, na, mb, sb, nb, equal_var=False).pvalue)
+    if p >= alpha:
+        return p, "within noise"
+    return p, "better" if mb < ma else "worse"
+
+
+def compare(a: dict, b: dict, alpha: float = ALPHA) -> list[dict]:
+    """One row per model and headline metric present on either side, models in A's order."""
+    rows = []
+    for model in list(a) + [m for m in b if m not in a]:
+        for metric in METRICS:
+            if metric == "test_loss" and not any("test_loss" in s.get(model, {}) for s in (a, b)):
+                continue  # equals mse on both sides: the mse row says it all
+            sa = summary(a[model], model, metric) if model in a else None
+            sb = summary(b[model], model, metric) if model in b else None
+            if sa is None and sb is None:
+                continue
+            p, word = verdict(sa, sb, alpha) if sa and sb else (None, "removed" if sa else "added")
+            rows.append(dict(model=model, metric=metric, a=sa, b=sb, p=p, verdict=word))
+    return rows
+
+
+def _cell(s: tuple | None) -> str:
+    return DASH if s is None else f"{s[0]:.4g} ± {s[1]:.2g} ({s[2]})"
+
+
+def _change(a: tuple | None, b: tuple | None) -> str:
+    if a is None or b is None:
+        return DASH
+    pct = f" ({(b[0] - a[0]) / a[0]:+.1%})" if a[0] else ""
+    return f"{b[0] - a[0]:+.3g}{pct}"
+
+
+def noise_note(rows: list[dict], alpha: float) -> str:
+    """The honest sentence: how large a change the smallest n can tell from noise."""
+    n = min((min(r["a"][2], r["b"][2]) for r in rows if r["p"] is not None), default=1)
+    if n < 2:
+        return "With one run on a side nothing can be told from noise: train more seeds."
+    # Equal n and std on both sides: Welch's t = d / (std * sqrt(2/n)), 2n - 2 degrees of freedom.
+    d = stats.t.ppf(1 - alpha / 2, 2 * n - 2) * math.sqrt(2 / n)
+    return (f"A verdict is only as good as n: with n = {n} seeds a change must exceed about "
+            f"{d:.1f} × the std across seeds to be called better or worse at α = {alpha}; "
+            "'within noise' means not shown, not no change.")
+
+
+def render(rows: list[dict], base_a: dict, base_b: dict, label_a: str, label_b: str,
+           alpha: float = ALPHA) -> str:
+    """The Markdown table, the noise sentence and a footer on the deterministic baselines."""
+    lines = [f"| model | metric | A: {label_a} | B: {label_b} | change | p | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = DASH if r["p"] is None else f"{r['p']:.3g}"
+        lines.append(f"| {r['model']} | {r['metric']} | {_cell(r['a'])} | {_cell(r['b'])} | "
+                     f"{_change(r['a'], r['b'])} | {p} | {r['verdict']} |")
+    changed = sorted(k for k in base_a.keys() | base_b.keys() if base_a.get(k) != base_b.get(k))
+    footer = ("PCA baselines (deterministic, no seeds) are left out of the table: "
+              + (f"changed: {', '.join(changed)} (see `dvc metrics diff`)." if changed
+                 else "unchanged."))
+    return "\n".join(lines + ["", f"Welch's t-test on mean ± std (n seeds), α = {alpha}. "
+                              + noise_note(rows, alpha), "", footer, ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aebench compare", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["compare"], help=argparse.SUPPRESS)
+    parser.add_argument("a", nargs="?", default="HEAD", help="revision A (default: HEAD)")
+    parser.add_argument("b", nargs="?", default=WORKSPACE, help="revision B (default: workspace)")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help="significance level")
+    parser.add_argument("--output", type=Path, help="also write the Markdown to this file")
+    parser.add_argument("--fail-on-worse", action="store_true", help="exit 1 if a row is worse")
+    parser.add_argument("--repo", help="the DVC repository (default: found from here)")
+    args = parser.parse_args(argv)
+    sides, rev = [], args.a
+    try:
+        for rev in (args.a, args.b):
+            models, baselines = split(load(None if rev == WORKSPACE else rev, args.repo))
+            if not models:
+                raise ValueError("no model entries (with n) in the metrics files of dvc.yaml")
+            sides.append((models, baselines))
+        rev = f"{args.a} vs {args.b}"
+        (models_a, base_a), (models_b, base_b) = sides
+        rows = compare(models_a, models_b, args.alpha)
+    except Exception as e:  # DVC's errors (bad revision, corrupt file) and malformed entries
+        msg = f"{e.filename}: no such file" if isinstance(e, FileNotFoundError) else e
+        print(f"aebench compare: {rev}: {msg}", file=sys.stderr)
+        return 2
+    text = render(rows, base_a, base_b, args.a, args.b, args.alpha)
+    print(text, end="")
+    if args.output:
+        args.output.write_text(text)
+    return 1 if args.fail_on_worse and any(r["verdict"] == "worse" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
