@@ -20,22 +20,35 @@ WORKSPACE = "workspace"
 DASH = "—"
 
 
-def load(rev: str | None, repo: str | None = None) -> dict:
-    """Every metrics file that dvc.yaml names, at `rev` (None: the workspace), merged by DVC into
-    one dict of entries; raises DVC's errors (bad revision, missing or corrupt file)."""
-    import dvc.api  # imported here: it takes a second, and --help should not
-    from dvc.repo import Repo
+def load(rev: str | None, repo: str | None = None) -> dict[str, dict]:
+    """{metrics file: its entries} for every metrics file that dvc.yaml names, at `rev` (None: the
+    workspace). Raises DVC's errors (not a DVC repository, bad revision) and ValueError."""
+    from dvc.repo import Repo  # imported here: it takes a second, and --help should not
 
-    # Outside a DVC repository dvc.api would try to clone the path as a remote ("SCM error"):
-    # find the root first, which fails with a clear "not inside of a DVC repository".
-    return dvc.api.metrics_show(repo=Repo.find_root(repo), rev=rev)
+    # Repo.find_root fails with a clear "not inside of a DVC repository"; dvc.api.metrics_show
+    # would instead try to clone the path ("SCM error"). And DVC always reads the workspace
+    # too: dvc.api.metrics_show(rev=...) fails on a broken workspace file even when both sides
+    # are commits, so ask for errors per file ("return") and keep this revision's result only.
+    with Repo(Repo.find_root(repo)) as dvc_repo:
+        shown = dvc_repo.metrics.show(revs=[rev] if rev else None, on_error="return",
+                                      hide_workspace=False)
+    result = next((v for k, v in shown.items() if k != "workspace"), {"data": {}})
+    if "error" in result:
+        raise result["error"]
+    for path, file in result["data"].items():
+        if "error" in file:
+            err = file["error"]
+            why = "no such file" if isinstance(err, FileNotFoundError) else err.__cause__ or err
+            raise ValueError(f"{path}: {why}")
+    return {path: file["data"] for path, file in result["data"].items()}
 
 
-def split(metrics: dict) -> tuple[dict, dict]:
-    """(models, baselines): model entries carry n (seeds); deterministic ones (PCA) do not."""
-    models = {k: v for k, v in metrics.items() if isinstance(v, dict) and "n" in v}
-    baselines = {k: v for k, v in metrics.items() if isinstance(v, dict) and "n" not in v}
-    return models, baselines
+def split(files: dict[str, dict]) -> tuple[dict, dict]:
+    """(models, baselines) of all files: model entries carry n (seeds); deterministic ones (PCA)
+    do not."""
+    entries = {k: v for data in files.values() for k, v in data.items() if isinstance(v, dict)}
+    models = {k: v for k, v in entries.items() if "n" in v}
+    return models, {k: v for k, v in entries.items() if "n" not in v}
 
 
 def summary(entry: dict, model: str, metric: str) -> tuple[float, float, int] | None:
@@ -139,13 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         (models_a, base_a), (models_b, base_b) = sides
         rows = compare(models_a, models_b, args.alpha)
     except Exception as e:  # DVC's errors (bad revision, corrupt file) and malformed entries
-        msg = f"{e.filename}: no such file" if isinstance(e, FileNotFoundError) else e
-        print(f"aebench compare: {rev}: {msg}", file=sys.stderr)
+        print(f"aebench compare: {rev}: {e}", file=sys.stderr)
         return 2
     text = render(rows, base_a, base_b, args.a, args.b, args.alpha)
     print(text, end="")
-    if args.output:
-        args.output.write_text(text)
+    try:
+        if args.output:
+            args.output.write_text(text)
+    except OSError as e:
+        print(f"aebench compare: --output {args.output}: {e.strerror}", file=sys.stderr)
+        return 2
     return 1 if args.fail_on_worse and any(r["verdict"] == "worse" for r in rows) else 0
 
 

@@ -169,6 +169,20 @@ def test_missing_metrics_file(repo):
     assert err == "aebench compare: empty: metrics/models.json: no such file\n"
 
 
+def test_corrupt_workspace_file(repo):
+    """Named in the error when the workspace is compared; no matter when two commits are."""
+    path = repo / "metrics" / "pca.json"
+    saved = path.read_text()
+    try:
+        path.write_text("{bad")
+        rc, _, err = run(repo)
+        assert rc == 2 and err.startswith("aebench compare: workspace: metrics/pca.json: Expecting")
+        rc, out, _ = run(repo, "v1", "HEAD")
+        assert rc == 0 and "| deep3 | mse |" in out
+    finally:
+        path.write_text(saved)
+
+
 @pytest.mark.parametrize(
     ("a", "b", "expected"),
     [
