@@ -27,3 +27,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# `make plots` writes dvc_plots/index.html: the models' test-MSE curves overlaid, the PCA curve
+# and the figures; `make plots REV=HEAD~1` draws the workspace against that revision instead.
+# The page works offline: .dvc/config points DVC at .dvc/plots/offline.html (libraries inlined).
+.PHONY: plots
+plots: $(STAMP)
+	$(BIN)/dvc plots $(if $(REV),diff $(REV),show) -o dvc_plots

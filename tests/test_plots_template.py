@@ -1,0 +1,102 @@
+"""The plots pages (`make plots`, `dvc plots show` / `diff`): one overlay of every model's curve,
+the PCA curve on a log axis, the figures, and a page that needs no network.
+
+One test runs the real `dvc plots show` on a copy of the committed plot files (about 1 s).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from dvc_render import VegaRenderer
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / ".dvc" / "plots" / "offline.html"
+OVERLAY_ID = "test_mse_by_epoch"
+
+
+def top_level_plots() -> dict[str, dict | None]:
+    """dvc.yaml's top-level `plots:` as {plot id: definition or None}."""
+    entries = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    return {k: v for e in entries for k, v in ({e: None} if isinstance(e, str) else e).items()}
+
+
+def overlay_files(definition: dict) -> set[str]:
+    return {path for path, field in definition["y"].items() if field == "test_mse"}
+
+
+def inline_scripts(html: str) -> list[str]:
+    """Bodies of the <script> elements that have no attributes (the inlined libraries)."""
+    return re.findall(r"<script>(.*?)</script>", html, flags=re.S)
+
+
+def test_top_level_plots_name_every_model_the_pca_curve_and_the_figures():
+    plots = top_level_plots()
+    models = yaml.safe_load((ROOT / "params.yaml").read_text())["models"]
+    # DVC overlays only the files `y:` names, so a model added to params.yaml must be added here.
+    assert overlay_files(plots[OVERLAY_ID]) == {f"plots/curves/{m}.csv" for m in models}, (
+        "dvc.yaml: plots.test_mse_by_epoch.y must name plots/curves/NAME.csv for every model"
+    )
+    assert plots[OVERLAY_ID]["x"] == "epoch"
+
+    pca = next(d for d in plots.values() if d and "plots/pca_curve.csv" in d.get("y", {}))
+    assert pca["x"] == {"plots/pca_curve.csv": "components"}
+    assert pca["y"] == {"plots/pca_curve.csv": "test_mse"}
+    assert "plots/figures" in plots
+
+    for definition in (plots[OVERLAY_ID], pca):
+        template = json.loads((ROOT / ".dvc/plots" / f"{definition['template']}.json").read_text())
+        assert template["encoding"]["y"]["scale"]["type"] == "log"
+        assert "log" in definition["y_label"]
+
+
+def test_template_inlines_the_vega_versions_dvc_render_loads():
+    html = TEMPLATE.read_text(encoding="utf8")
+    # dvc-render puts the plots at {plot_divs}; without {scripts} it adds no CDN <script src>.
+    assert "{plot_divs}" in html and "{scripts}" not in html
+    cdn = re.findall(r"npm/(vega(?:-lite|-embed)?@[\d.]+)", VegaRenderer.SCRIPTS)
+    inlined = re.findall(r"<script>/\* (vega(?:-lite|-embed)?@[\d.]+) build/", html)
+    rebuild = "rebuild .dvc/plots/offline.html: bash .dvc/plots/build_offline_template.sh"
+    assert inlined == cdn, rebuild
+    assert all(len(body) > 50_000 for body in inline_scripts(html))
+
+
+def test_plots_show_writes_an_offline_page_with_one_overlay_of_every_curve(tmp_path):
+    # A copy of what the page is built from, in a fresh git repository.
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "plots", tmp_path / "plots")
+    shutil.copytree(ROOT / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+
+    # A new model: its curve file, named in the overlay as a new params.yaml entry requires.
+    curves = sorted(p.name for p in (ROOT / "plots" / "curves").glob("*.csv"))
+    shutil.copy(tmp_path / "plots/curves" / curves[0], tmp_path / "plots/curves/newmodel.csv")
+    dvc_yaml = yaml.safe_load((tmp_path / "dvc.yaml").read_text())
+    overlay = [e for e in dvc_yaml["plots"] if isinstance(e, dict) and OVERLAY_ID in e]
+    overlay[0][OVERLAY_ID]["y"]["plots/curves/newmodel.csv"] = "test_mse"
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+
+    # No --html-template: the page must come from .dvc/config's plots.html_template.
+    subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", "out"], cwd=tmp_path,
+                   check=True, capture_output=True)
+    page = (tmp_path / "out" / "index.html").read_text(encoding="utf8")
+
+    assert not re.findall(r"<script[^>]*\bsrc\s*=", page), "the page loads a script from outside"
+    for body in inline_scripts(TEMPLATE.read_text(encoding="utf8")):
+        assert body in page
+
+    spec = re.search(r"var spec = (\{.*?\});\s*vegaEmbed\('#" + OVERLAY_ID + "'", page, re.S)
+    assert spec, f"no {OVERLAY_ID} plot on the page"
+    values = json.loads(spec.group(1))["data"]["values"]
+    assert {v["filename"] for v in values} == set(curves) | {"newmodel.csv"}
+    assert page.count(f"vegaEmbed('#{OVERLAY_ID}'") == 1
+
+    figures = sorted(p.name for p in (ROOT / "plots" / "figures").glob("*.png"))
+    assert figures and all(f"plots/figures/{name}" in page for name in figures)
