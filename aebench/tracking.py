@@ -203,7 +203,8 @@ def _sigterm_as_exit() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # None: a handler set outside Python, which cannot be put back; the default then
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 @contextmanager
@@ -228,35 +229,48 @@ def _run(experiment_id: str, run_name: str, tags: Mapping[str, str], *,
         mlflow.end_run(status)
 
 
+def _active_run(caller: str, inside: str):
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError(f"{caller} must run inside {inside}")
+    return run
+
+
 def _quoted(value: str) -> str:
     if "'" in value:
         raise ValueError(f"MLflow search: a quote in {value!r} is not supported")
     return f"'{value}'"
 
 
-def end_stale_runs(experiment_id: str, name: str) -> list[str]:
-    """Mark KILLED the runs of model `name` still RUNNING whose process is gone (a SIGKILL, a
-    power cut); return their ids. Runs of a live process (a parallel `dvc exp` job) are kept."""
+def end_stale_runs(experiment_id: str, **tags: str) -> list[str]:
+    """Mark KILLED the runs with these tags (model="deep3", stage="evaluate") still RUNNING
+    whose process is gone (a SIGKILL, a power cut); return their ids. Runs of a live process
+    (a parallel `dvc exp` job) are left alone."""
     import mlflow
 
+    if not tags:
+        raise ValueError("end_stale_runs: name at least one tag, e.g. model='deep3'")
     client = mlflow.MlflowClient()
-    runs = client.search_runs(
-        [experiment_id], f"tags.model = {_quoted(name)} AND attributes.status = 'RUNNING'",
-        max_results=1000)
-    ended = []
+    match = " AND ".join(f"tags.{key} = {_quoted(value)}" for key, value in tags.items())
+    runs = client.search_runs([experiment_id], f"{match} AND attributes.status = 'RUNNING'",
+                              max_results=1000)
+    what = ", ".join(f"{key} {value}" for key, value in tags.items())
     when = time.strftime("%Y-%m-%d %H:%M:%S")
+    ended = []
     for run in runs:
         if _process_alive(run.data.tags.get("process")):
             continue
         note = (f"Left RUNNING by process {run.data.tags.get('process', '?')}, which ended "
-                f"without closing it (killed); marked KILLED at {when} when training of "
-                f"{name} started again.")
+                f"without closing it (killed); marked KILLED at {when} when {what} started "
+                "again.")
         client.set_tag(run.info.run_id, "mlflow.note.content", note)
         client.set_tag(run.info.run_id, "ended_by", "end_stale_runs")
         client.set_terminated(run.info.run_id, "KILLED")
         ended.append(run.info.run_id)
     if ended:
-        print(f"MLflow: marked {len(ended)} run(s) of {name} left RUNNING as KILLED",
+        print(f"MLflow: marked {len(ended)} run(s) of {what} left RUNNING as KILLED",
               file=sys.stderr)
     return ended
 
@@ -271,7 +285,7 @@ def training_run(experiment_id: str, name: str, params: Mapping[str, Scalar],
     SIGTERM, FAILED on an exception, FINISHED otherwise."""
     import mlflow
 
-    end_stale_runs(experiment_id, name)
+    end_stale_runs(experiment_id, model=name)
     run_tags = {**common_tags(), "stage": "train", "model": name, **(tags or {})}
     with _sigterm_as_exit(), _run(experiment_id, name, run_tags, nested=False) as run_id:
         mlflow.log_params(dict(params))
@@ -285,9 +299,10 @@ def replica_run(name: str, index: int, seed: int,
     Yields the run id. Ends like training_run; the parent then ends the same way."""
     import mlflow
 
-    parent = mlflow.active_run()
-    if parent is None or parent.data.tags.get("model") != name:
-        raise RuntimeError(f"replica_run({name!r}) must run inside training_run(..., {name!r})")
+    inside = f"training_run(..., {name!r}, ...)"
+    parent = _active_run(f"replica_run({name!r})", inside)
+    if parent.data.tags.get("model") != name:
+        raise RuntimeError(f"replica_run({name!r}) must run inside {inside}")
     tags = {**common_tags(), "stage": "train", "model": name, "replica": str(index)}
     with _run(parent.info.experiment_id, f"{name}-r{index}", tags, nested=True) as run_id:
         mlflow.log_params({"seed": seed, **(params or {})})
@@ -306,7 +321,8 @@ def log_epochs(epochs: Sequence[Mapping[str, float]],
                for rec in epochs for key, value in rec.items() if key != "epoch"]
     last = int(epochs[-1]["epoch"]) if epochs else 0
     metrics += [Metric(key, float(value), now, last) for key, value in (summary or {}).items()]
-    mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
+    run = _active_run("log_epochs", "replica_run(...)")
+    mlflow.MlflowClient().log_batch(run.info.run_id, metrics=metrics)
 
 
 def _aebench_dir() -> str:
@@ -396,7 +412,9 @@ def find_logged_model(name: str, weights_sha256: str, *,
 def evaluation_run(experiment_id: str, name: str = "evaluate",
                    tags: Mapping[str, str] | None = None) -> Iterator[str]:
     """A new run for one evaluation (never a training run): log_evaluation adds one child per
-    replica, log_artifacts the figures. Yields the run id; ends like training_run."""
+    replica, log_artifacts the figures. Yields the run id; ends like training_run (stale
+    RUNNING runs of the same `name` first)."""
+    end_stale_runs(experiment_id, stage=name)
     run_tags = {**common_tags(), "stage": name, **(tags or {})}
     with _sigterm_as_exit(), _run(experiment_id, name, run_tags, nested=False) as run_id:
         yield run_id
@@ -425,9 +443,7 @@ def log_evaluation(name: str, index: int, weights_sha256: str, metrics: Mapping[
     evaluation run only; None is returned."""
     import mlflow
 
-    parent = mlflow.active_run()
-    if parent is None:
-        raise RuntimeError("log_evaluation must run inside evaluation_run(...)")
+    parent = _active_run("log_evaluation", "evaluation_run(...)")
     experiment_id = parent.info.experiment_id
     logged = _find(name, weights_sha256, experiment_id)
     tags = {**common_tags(), "stage": parent.data.tags.get("stage", "evaluate"), "model": name,
@@ -454,7 +470,6 @@ def log_artifacts(paths: Sequence[str | Path], artifact_path: str | None = "figu
     """Files (figures) into the active run, the evaluation run, under `artifact_path`."""
     import mlflow
 
-    if mlflow.active_run() is None:
-        raise RuntimeError("log_artifacts must run inside evaluation_run(...)")
+    _active_run("log_artifacts", "evaluation_run(...)")
     for path in paths:
         mlflow.log_artifact(str(path), artifact_path)

@@ -195,10 +195,15 @@ def test_training_is_one_parent_run_with_one_child_per_replica(store, trained):
         assert set(run.data.metrics) == {"train_loss", "test_mse", "train_seconds"}
 
 
-def test_replica_run_needs_its_training_run():
+def test_misuse_is_named():
     with pytest.raises(RuntimeError, match="inside training_run"):
         with tracking.replica_run("deep3", 0, seed=0):
             pass
+    with pytest.raises(RuntimeError, match="log_epochs must run inside replica_run"):
+        tracking.log_epochs(EPOCHS)
+    with pytest.raises(ValueError, match="pixels '0,255' is not one of 0,1, -1,1"):
+        tracking.log_replica_model(TinyAE(), name="deep3", index=0, pixels="0,255",
+                                   weights_sha256="0" * 64)
 
 
 def test_logged_model_loads_as_the_module_itself(trained):
@@ -318,15 +323,20 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(store):
     host = socket.gethostname()
     dead = subprocess.Popen(["true"])
     dead.wait()
-    runs = {who: client.create_run(store[0], tags={"model": "sigkilled", "process": process})
-            for who, process in [("dead", f"{host}:{dead.pid}"),
-                                 ("alive", f"{host}:{os.getppid()}"),
-                                 ("elsewhere", "other-host:1")]}
+    runs = {who: client.create_run(store[0], tags={**tags, "process": process})
+            for who, tags, process in [
+                ("dead", {"model": "sigkilled"}, f"{host}:{dead.pid}"),
+                ("alive", {"model": "sigkilled"}, f"{host}:{os.getppid()}"),
+                ("elsewhere", {"model": "sigkilled"}, "other-host:1"),
+                ("dead evaluation", {"stage": "evaluate-stale"}, f"{host}:{dead.pid}")]}
     with tracking.training_run(store[0], "sigkilled", {}):
+        pass
+    with tracking.evaluation_run(store[0], "evaluate-stale"):
         pass
     status = {who: client.get_run(r.info.run_id) for who, r in runs.items()}
     assert status["dead"].info.status == "KILLED"
     assert "marked KILLED" in status["dead"].data.tags["mlflow.note.content"]
+    assert status["dead evaluation"].info.status == "KILLED"
     assert status["alive"].info.status == "RUNNING"  # a parallel job's run is left alone
     assert status["elsewhere"].info.status == "RUNNING"
 
