@@ -1,0 +1,355 @@
+"""aebench.tracking against a real MLflow sqlite store (one per module: creating it costs
+seconds), with a tiny autoencoder that has encode / decode / latent_dim like the real ones."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from aebench import tracking
+
+# The README's "Reusing a trained model" snippet, run as is by test_readme_snippet.
+README_SNIPPET = """
+import mlflow
+import pandas as pd
+import torch
+
+mlflow.set_tracking_uri("sqlite:///mlflow.db")
+mlflow.set_experiment("aebench")
+[logged] = mlflow.search_logged_models(           # the newest model of replica 0 of deep3
+    filter_string="name = 'deep3-r0'", max_results=1, output_format="list",
+    order_by=[{"field_name": "creation_time", "ascending": False}])
+model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")   # the nn.Module itself
+pixels = mlflow.models.get_model_info(f"models:/{logged.model_id}").metadata["pixels"]
+
+images = pd.read_csv("data/csv/mnist_test.csv", nrows=16).drop(columns="label")
+x = torch.tensor(images.to_numpy(), dtype=torch.float32) / 255   # [0,1]
+if pixels == "-1,1":
+    x = x * 2 - 1
+with torch.no_grad():
+    codes = model.encode(x)                  # [16, model.latent_dim]
+    reconstructions = model.decode(codes)    # [16, 784], on the model's pixel scale
+"""
+
+
+class TinyAE(nn.Module):
+    def __init__(self, latent: int = 3):
+        super().__init__()
+        self.latent_dim = latent
+        self.enc = nn.Linear(784, latent)
+        self.dec = nn.Linear(latent, 784)
+
+    def encode(self, x):
+        return self.enc(x)
+
+    def decode(self, z):
+        return torch.tanh(self.dec(z))
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+
+def sha(name: str, index: int) -> str:
+    return f"{name}-r{index}".encode().hex().ljust(64, "0")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """(experiment id, store folder) of a fresh sqlite store for this module."""
+    folder = tmp_path_factory.mktemp("store")
+    before = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        yield tracking.open_store(), folder
+    mlflow.set_tracking_uri(before)
+
+
+@pytest.fixture(autouse=True)
+def _store_uri(store, monkeypatch):
+    """Each test starts on the module's store (the README snippet switches to a relative URI)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store[1] / 'mlflow.db'}")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+
+EPOCHS = [{"epoch": e, "train_loss": 1 / e, "test_mse": 0.5 / e} for e in (1, 2, 3)]
+
+
+@pytest.fixture(scope="module")
+def trained(store):
+    """deep3 trained as 2 replicas: {"parent": run id, "children": [run id], "models":
+    [model id], "nets": [TinyAE]}; the nets are left in train mode."""
+    experiment_id, folder = store
+    out = {"children": [], "models": [], "nets": []}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DVC_EXP_NAME", "exp-abc")
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        assert tracking.open_store() == experiment_id  # an earlier test may have moved MLflow
+        params = {"kind": "mlp", "optimizer.lr": 1e-3, "n_train": 50, "device": "cpu"}
+        with tracking.training_run(experiment_id, "deep3", params) as parent:
+            out["parent"] = parent
+            for i in range(2):
+                with tracking.replica_run("deep3", i, seed=i) as child:
+                    torch.manual_seed(i)
+                    net = TinyAE()
+                    tracking.log_epochs(EPOCHS, {"train_seconds": 1.5})
+                    out["models"].append(tracking.log_replica_model(
+                        net, name="deep3", index=i, pixels="-1,1", weights_sha256=sha("deep3", i),
+                        params=params))
+                    out["children"].append(child)
+                    out["nets"].append(net)
+    return out
+
+
+def test_store_uri_follows_the_working_copy(monkeypatch):
+    root = Path("/home/u/project")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.tracking_uri(root / ".dvc/tmp/exps/tmpab12") == \
+        "sqlite:////home/u/project/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(root) == "http://127.0.0.1:5000"
+
+
+def test_open_store_reuses_its_experiment(store):
+    experiment_id, folder = store
+    assert tracking.open_store() == experiment_id
+    exp = mlflow.get_experiment(experiment_id)
+    assert exp.name == "aebench"
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert exp.artifact_location == (folder / "mlartifacts").as_uri()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_http_store_where_nothing_listens_fails_fast(monkeypatch):
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingError) as err:
+        tracking.open_store()
+    assert time.monotonic() - start < 10
+    assert uri in str(err.value) and "\n" not in str(err.value)
+
+
+def test_http_store_that_never_answers_times_out(monkeypatch):
+    # A socket that accepts connections (the kernel's backlog) but never replies.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setattr(tracking, "CHECK_TIMEOUT_S", 1)
+        start = time.monotonic()
+        with pytest.raises(tracking.TrackingError, match="cannot open the MLflow tracking store"):
+            tracking.open_store()
+        assert time.monotonic() - start < 10
+    # the shortened HTTP settings were for the check only
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
+def test_unwritable_sqlite_store_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "blocker").write_text("a file where the store's folder should be")
+    uri = f"sqlite:///{tmp_path / 'blocker' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(tracking.TrackingError) as err:
+        tracking.open_store()
+    assert uri in str(err.value) and "\n" not in str(err.value)
+
+
+def test_training_is_one_parent_run_with_one_child_per_replica(store, trained):
+    client = mlflow.MlflowClient()
+    parent = client.get_run(trained["parent"])
+    assert parent.info.run_name == "deep3" and parent.info.status == "FINISHED"
+    assert parent.data.params == {"kind": "mlp", "optimizer.lr": "0.001", "n_train": "50",
+                                  "device": "cpu"}
+    assert parent.data.tags["model"] == "deep3"
+    assert parent.data.tags["dvc_exp_name"] == "exp-abc"
+    assert parent.data.tags["git_commit"] == tracking.git_commit()
+    assert parent.data.metrics == {}  # counts and sizes are params, not metrics
+
+    children = client.search_runs(
+        [store[0]], f"tags.mlflow.parentRunId = '{trained['parent']}'",
+        order_by=["attributes.run_name"])
+    assert [r.info.run_name for r in children] == ["deep3-r0", "deep3-r1"]
+    assert [r.info.run_id for r in children] == trained["children"]
+    for i, run in enumerate(children):
+        assert run.info.status == "FINISHED"
+        assert run.data.params["seed"] == str(i) and run.data.tags["replica"] == str(i)
+        history = client.get_metric_history(run.info.run_id, "test_mse")
+        assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.25), (3, 0.5 / 3)]
+        assert client.get_metric_history(run.info.run_id, "train_seconds")[0].step == 3
+        assert set(run.data.metrics) == {"train_loss", "test_mse", "train_seconds"}
+
+
+def test_misuse_is_named():
+    with pytest.raises(RuntimeError, match="inside training_run"):
+        with tracking.replica_run("deep3", 0, seed=0):
+            pass
+    with pytest.raises(RuntimeError, match="log_epochs must run inside replica_run"):
+        tracking.log_epochs(EPOCHS)
+    with pytest.raises(ValueError, match="pixels '0,255' is not one of 0,1, -1,1"):
+        tracking.log_replica_model(TinyAE(), name="deep3", index=0, pixels="0,255",
+                                   weights_sha256="0" * 64)
+
+
+def test_logged_model_loads_as_the_module_itself(trained):
+    model_id = trained["models"][0]
+    uri = f"models:/{model_id}"
+    net = mlflow.pytorch.load_model(uri)
+    assert isinstance(net, TinyAE) and net.latent_dim == 3 and not net.training
+    assert trained["nets"][0].training  # the caller's module keeps its mode
+    x = torch.rand(4, 784) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(net.decode(net.encode(x)), trained["nets"][0](x))
+    info = mlflow.models.get_model_info(uri)
+    assert info.metadata == {"pixels": "-1,1", "latent_dim": 3}
+    for spec in (info.signature.inputs, info.signature.outputs):
+        [tensor] = spec.inputs
+        assert (tensor.type, tensor.shape) == (np.dtype("float32"), (-1, 784))
+    logged = mlflow.get_logged_model(model_id)
+    assert logged.name == "deep3-r0" and logged.source_run_id == trained["children"][0]
+    assert logged.tags["weights_sha256"] == sha("deep3", 0)
+    code = mlflow.MlflowClient().list_logged_model_artifacts(model_id, "code/aebench")
+    assert "code/aebench/tracking.py" in {f.path for f in code}  # the package travels along
+
+
+def test_find_logged_model_by_weights_sha256(store, trained):
+    assert tracking.find_logged_model("deep3", sha("deep3", 1)) == trained["models"][1]
+    assert tracking.find_logged_model("deep3", "0" * 64) is None
+    assert tracking.find_logged_model("shallow128", sha("deep3", 1)) is None
+    # a retrained replica with the same weights: the newest logged model wins
+    with tracking.training_run(store[0], "deep3", {}):
+        with tracking.replica_run("deep3", 1, seed=1):
+            newer = tracking.log_replica_model(TinyAE(), name="deep3", index=1, pixels="-1,1",
+                                               weights_sha256=sha("deep3", 1))
+    assert tracking.find_logged_model("deep3", sha("deep3", 1)) == newer
+
+
+def test_evaluation_is_a_new_run_attached_to_the_logged_model(store, trained, tmp_path):
+    client = mlflow.MlflowClient()
+    train_child = trained["children"][0]
+    points_before = len(client.get_metric_history(train_child, "test_mse"))
+    rng = np.random.default_rng(0)
+    dataset = tracking.eval_dataset(rng.integers(0, 256, (20, 784), dtype=np.uint8),
+                                    np.arange(20) % 10, source=tmp_path / "mnist_test.csv")
+    figure = tmp_path / "test_mse.png"
+    figure.write_bytes(b"\x89PNG")
+    evaluations = []
+    for mse in (0.02, 0.03):  # evaluate run twice
+        with tracking.evaluation_run(store[0]) as run_id:
+            model_id = tracking.log_evaluation("deep3", 0, sha("deep3", 0),
+                                               {"test_mse": mse, "psnr": 17.0}, dataset)
+            tracking.log_artifacts([figure])
+        evaluations.append(run_id)
+    assert model_id == trained["models"][0]
+
+    assert evaluations[0] != evaluations[1]
+    parent = client.get_run(evaluations[1])
+    assert parent.info.run_name == "evaluate" and parent.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "figures")] == \
+        ["figures/test_mse.png"]
+    [child] = client.search_runs([store[0]], f"tags.mlflow.parentRunId = '{evaluations[1]}'")
+    assert child.info.run_name == "deep3-r0-eval"
+    assert child.data.tags["training_run_id"] == train_child
+    assert child.data.tags["training_parent_run_id"] == trained["parent"]
+    assert child.data.metrics == {"test_mse": 0.03, "psnr": 17.0}
+    assert [d.dataset.name for d in child.inputs.dataset_inputs] == ["mnist_test"]
+
+    # the logged model carries both evaluations, on the dataset; the training run is untouched
+    metrics = mlflow.get_logged_model(model_id).metrics
+    assert sorted(m.value for m in metrics if m.key == "test_mse") == [0.02, 0.03]
+    assert {m.dataset_name for m in metrics} == {"mnist_test"}
+    assert len(client.get_metric_history(train_child, "test_mse")) == points_before
+    assert client.list_artifacts(train_child, "figures") == []
+
+
+def test_checkpoint_without_logged_model_is_a_warning(store, capsys):
+    with tracking.evaluation_run(store[0]) as run_id:
+        assert tracking.log_evaluation("conv16", 0, "f" * 64, {"test_mse": 0.01}) is None
+    assert "warning: conv16-r0: no logged model with weights sha256 ffffffffffff" in \
+        capsys.readouterr().err
+    [child] = mlflow.MlflowClient().search_runs([store[0]],
+                                                f"tags.mlflow.parentRunId = '{run_id}'")
+    assert child.data.metrics == {"test_mse": 0.01} and "model_id" not in child.data.tags
+
+
+def interrupt_by_sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler raises SystemExit at once
+    raise AssertionError("SIGTERM did not interrupt")
+
+
+def fail():
+    raise ValueError("diverged")
+
+
+def keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop, raised, status", [
+    (keyboard_interrupt, KeyboardInterrupt, "KILLED"),
+    (interrupt_by_sigterm, SystemExit, "KILLED"),
+    (fail, ValueError, "FAILED"),
+])
+def test_an_interrupted_training_ends_its_runs(store, stop, raised, status):
+    name = f"stopped-{stop.__name__}"
+    with pytest.raises(raised):
+        with tracking.training_run(store[0], name, {}):
+            with tracking.replica_run(name, 0, seed=0):
+                stop()
+    runs = mlflow.MlflowClient().search_runs([store[0]], f"tags.model = '{name}'")
+    assert sorted(r.info.status for r in runs) == [status, status]
+    assert mlflow.active_run() is None
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_runs_left_running_by_a_dead_process_are_marked_killed(store):
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    runs = {who: client.create_run(store[0], tags={**tags, "process": process})
+            for who, tags, process in [
+                ("dead", {"model": "sigkilled"}, f"{host}:{dead.pid}"),
+                ("alive", {"model": "sigkilled"}, f"{host}:{os.getppid()}"),
+                ("elsewhere", {"model": "sigkilled"}, "other-host:1"),
+                ("dead evaluation", {"stage": "evaluate-stale"}, f"{host}:{dead.pid}")]}
+    with tracking.training_run(store[0], "sigkilled", {}):
+        pass
+    with tracking.evaluation_run(store[0], "evaluate-stale"):
+        pass
+    status = {who: client.get_run(r.info.run_id) for who, r in runs.items()}
+    assert status["dead"].info.status == "KILLED"
+    assert "marked KILLED" in status["dead"].data.tags["mlflow.note.content"]
+    assert status["dead evaluation"].info.status == "KILLED"
+    assert status["alive"].info.status == "RUNNING"  # a parallel job's run is left alone
+    assert status["elsewhere"].info.status == "RUNNING"
+
+
+def test_readme_snippet(store, trained, mnist_csv, monkeypatch):
+    folder = store[1]
+    shutil.copytree(mnist_csv, folder / "data" / "csv", dirs_exist_ok=True)
+    monkeypatch.chdir(folder)
+    scope: dict = {}
+    exec(README_SNIPPET, scope)
+    assert scope["pixels"] == "-1,1"
+    assert scope["codes"].shape == (16, 3) and scope["reconstructions"].shape == (16, 784)
+    with torch.no_grad():
+        expected = trained["nets"][0].eval()(scope["x"])
+    trained["nets"][0].train()
+    assert torch.equal(scope["reconstructions"], expected)
