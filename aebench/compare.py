@@ -102,13 +102,18 @@ def _change(a: tuple | None, b: tuple | None) -> str:
     return f"{b[0] - a[0]:+.3g}{pct}"
 
 
+def detectable(n: int, alpha: float = ALPHA) -> float:
+    """The smallest change, in stds across seeds, that Welch's test calls real at `alpha` when
+    both sides have n seeds and the same std: t = d / (std * sqrt(2/n)), 2n - 2 dof."""
+    return float(stats.t.ppf(1 - alpha / 2, 2 * n - 2) * math.sqrt(2 / n))
+
+
 def noise_note(rows: list[dict], alpha: float) -> str:
     """The honest sentence: how large a change the smallest n can tell from noise."""
     n = min((min(r["a"][2], r["b"][2]) for r in rows if r["p"] is not None), default=1)
     if n < 2:
         return "With one run on a side nothing can be told from noise: train more seeds."
-    # Equal n and std on both sides: Welch's t = d / (std * sqrt(2/n)), 2n - 2 degrees of freedom.
-    d = stats.t.ppf(1 - alpha / 2, 2 * n - 2) * math.sqrt(2 / n)
+    d = detectable(n, alpha)
     return (f"A verdict is only as good as n: with n = {n} seeds a change must exceed about "
             f"{d:.1f} × the std across seeds to be called better or worse at α = {alpha}; "
             "'within noise' means not shown, not no change.")

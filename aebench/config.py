@@ -1,42 +1,54 @@
-"""Reading and validating params.yaml.
+"""Reading and validating params.yaml: one pydantic model per section.
 
-Every check runs before any training, and every error names the key path, the bad value and
-what is allowed, so a typo in params.yaml costs seconds rather than a failed run.
+Each stage reads its own section once. Every check runs before any work starts, and every error
+names the file, the key path, the bad value and what is allowed, so a typo costs seconds rather
+than a failed run. The `models:` entries are validated by `aebench.kinds`, which owns their
+configs; this module stays free of torch so that download and convert start fast.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PARAMS = "params.yaml"
 
 
 class ConfigError(ValueError):
     """A value in params.yaml that the pipeline cannot use."""
 
 
-ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid")
-OPTIONAL_ACTIVATIONS = ("none", *ACTIVATIONS)
-KINDS = ("mlp", "conv")
-OPTIMIZERS = ("adam", "nadam")
-LOSSES = ("mse", "bce", "half_mse")
-PIXELS = ("0,1", "-1,1")
-INITS = ("torch", "glorot")
-DEVICES = ("auto", "cuda", "mps", "cpu")
-TRAIN_PATHS = ("fast", "eager")
-N_PIXELS = 784
+class Section(BaseModel):
+    """Strict: YAML's types are taken as written (`1e-3` is a string in YAML, not a number), and
+    an unknown key is an error rather than a silently ignored typo."""
 
-_COMMON = ("kind", "pixels", "input_noise", "init", "optimizer", "loss", "batch_size", "epochs")
-_KIND_KEYS = {
-    "mlp": ("encoder", "decoder", "activation", "code_activation", "output_activation", "dropout"),
-    "conv": ("channels", "kernel", "pool", "activation", "output_activation"),
-}
-_OPTIMIZER_KEYS = ("name", "lr", "weight_decay")
-_TRAIN_KEYS = ("seed", "device", "path", "limit")
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+class Download(Section):
+    mirrors: list[str] = Field(min_length=1)
+    timeout: float = Field(gt=0)
+
+
+class Train(Section):
+    seed: int
+    replicas: int = Field(ge=1)
+    device: Literal["auto", "cuda", "mps", "cpu"]
+    path: Literal["fast", "eager"]
+    limit: int = Field(ge=0)
+
+
+class Evaluate(Section):
+    noise_seed: int
+
+
+S = TypeVar("S", bound=BaseModel)
+
+
+def load_params(path: str | Path = PARAMS) -> dict[str, Any]:
     path = Path(path)
     try:
         params = yaml.safe_load(path.read_text())
@@ -49,127 +61,53 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     return params
 
 
-class _Checker:
-    def __init__(self, source: str):
-        self.source = source
-
-    def fail(self, key: str, value: Any, allowed: str) -> None:
-        raise ConfigError(f"{self.source}: {key}: {value!r} is not allowed; {allowed}")
-
-    def keys(self, section: Any, key: str, expected: tuple[str, ...]) -> dict:
-        if not isinstance(section, dict):
-            self.fail(key, section, "expected a mapping")
-        for k in expected:
-            if k not in section:
-                raise ConfigError(f"{self.source}: {key}.{k}: missing key")
-        for k in section:
-            if k not in expected:
-                self.fail(f"{key}.{k}", section[k],
-                          f"unknown key; allowed keys: {', '.join(expected)}")
-        return section
-
-    def choice(self, value: Any, key: str, allowed: tuple[str, ...]) -> None:
-        if value not in allowed:
-            self.fail(key, value, f"allowed values: {', '.join(allowed)}")
-
-    def positive_int(self, value: Any, key: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            self.fail(key, value, "must be a positive integer")
-
-    def number(self, value: Any, key: str, lo: float, hi: float, lo_open: bool, hi_open: bool):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok:
-            above = value > lo if lo_open else value >= lo
-            below = value < hi if hi_open else value <= hi
-            ok = above and below
-        if not ok:
-            left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-            self.fail(key, value, f"must be a number in {left}{lo}, {hi}{right}")
-
-    def int_list(self, value: Any, key: str) -> None:
-        if not isinstance(value, list) or len(value) < 2 or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
-        ):
-            self.fail(key, value, "must be a list of at least two positive integers")
+def section(params: dict[str, Any], key: str, model: type[S], source: str | Path = PARAMS) -> S:
+    """params[key] validated as `model`; ConfigError naming `source` and the key otherwise."""
+    if key not in params:
+        raise ConfigError(f"{source}: {key}: missing section")
+    return validate(model, params[key], key, source)
 
 
-def validate_model(name: str, cfg: Any, source: str = "params.yaml") -> dict:
-    """Check one entry of `models:`; return it unchanged."""
-    c = _Checker(source)
-    key = f"models.{name}"
-    if not isinstance(cfg, dict):
-        c.fail(key, cfg, "expected a mapping")
-    if "kind" not in cfg:
-        raise ConfigError(f"{source}: {key}.kind: missing key")
-    c.choice(cfg["kind"], f"{key}.kind", KINDS)
-    kind = cfg["kind"]
-    c.keys(cfg, key, _COMMON + _KIND_KEYS[kind])
-    c.choice(cfg["pixels"], f"{key}.pixels", PIXELS)
-    c.choice(cfg["init"], f"{key}.init", INITS)
-    c.choice(cfg["loss"], f"{key}.loss", LOSSES)
-    c.number(cfg["input_noise"], f"{key}.input_noise", 0, 1, False, True)
-    c.positive_int(cfg["batch_size"], f"{key}.batch_size")
-    c.positive_int(cfg["epochs"], f"{key}.epochs")
-    opt = c.keys(cfg["optimizer"], f"{key}.optimizer", _OPTIMIZER_KEYS)
-    c.choice(opt["name"], f"{key}.optimizer.name", OPTIMIZERS)
-    c.number(opt["lr"], f"{key}.optimizer.lr", 0, float("inf"), True, True)
-    c.number(opt["weight_decay"], f"{key}.optimizer.weight_decay", 0, float("inf"), False, True)
-    c.choice(cfg["activation"], f"{key}.activation", ACTIVATIONS)
-    c.choice(cfg["output_activation"], f"{key}.output_activation", OPTIONAL_ACTIVATIONS)
-    if kind == "mlp":
-        c.choice(cfg["code_activation"], f"{key}.code_activation", OPTIONAL_ACTIVATIONS)
-        c.number(cfg["dropout"], f"{key}.dropout", 0, 1, False, True)
-        c.int_list(cfg["encoder"], f"{key}.encoder")
-        c.int_list(cfg["decoder"], f"{key}.decoder")
-        if cfg["encoder"][0] != N_PIXELS:
-            c.fail(f"{key}.encoder", cfg["encoder"], f"must start at {N_PIXELS} (28 x 28 pixels)")
-        if cfg["decoder"][-1] != N_PIXELS:
-            c.fail(f"{key}.decoder", cfg["decoder"], f"must end at {N_PIXELS} (28 x 28 pixels)")
-        if cfg["decoder"][0] != cfg["encoder"][-1]:
-            c.fail(f"{key}.decoder", cfg["decoder"],
-                   f"must start at the code size {cfg['encoder'][-1]} (the encoder's last size)")
-    else:
-        c.int_list(cfg["channels"], f"{key}.channels")
-        if cfg["channels"][0] != 1:
-            c.fail(f"{key}.channels", cfg["channels"], "must start at 1 (one grey channel)")
-        c.positive_int(cfg["kernel"], f"{key}.kernel")
-        c.positive_int(cfg["pool"], f"{key}.pool")
-    if cfg["loss"] == "bce" and (cfg["pixels"] != "0,1" or cfg["output_activation"] != "sigmoid"):
-        c.fail(f"{key}.loss", "bce", "bce needs pixels '0,1' and output_activation sigmoid")
-    return cfg
+def validate(model: type[S], value: Any, key: str, source: str | Path = PARAMS) -> S:
+    try:
+        return model.model_validate(value)
+    except ValidationError as err:
+        raise ConfigError(describe(err, key, source)) from None
 
 
-def validate_train(section: Any, source: str = "params.yaml") -> dict:
-    c = _Checker(source)
-    c.keys(section, "train", _TRAIN_KEYS)
-    if isinstance(section["seed"], bool) or not isinstance(section["seed"], int):
-        c.fail("train.seed", section["seed"], "must be an integer")
-    c.choice(section["device"], "train.device", DEVICES)
-    c.choice(section["path"], "train.path", TRAIN_PATHS)
-    limit = section["limit"]
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        c.fail("train.limit", limit, "must be an integer >= 0 (0 = all training images)")
-    return section
+def describe(err: ValidationError, key: str, source: str | Path, skip: int = 0) -> str:
+    """pydantic's first error as one line: `file: key.path: value is not allowed; why`.
+
+    `skip` drops that many leading parts of the error's location (a union's tag)."""
+    first = err.errors(include_url=False)[0]
+    loc = [str(p) for p in first["loc"][skip:]]
+    path = ".".join([key, *loc])
+    value, kind, msg = first.get("input"), first["type"], first["msg"]
+    if kind == "missing":
+        return f"{source}: {path}: missing key"
+    if kind == "value_error":  # a check across keys: its message names the values
+        return f"{source}: {path}: {msg.removeprefix('Value error, ')}"
+    if kind == "extra_forbidden":
+        return f"{source}: {path}: {value!r} is not allowed; unknown key"
+    if kind in ("literal_error", "enum"):
+        msg = msg.replace("Input should be", "allowed values:").replace("'", "")
+    hint = ""
+    if isinstance(value, str) and _is_number(value):
+        hint = (f" (YAML reads {value} as a string: write it with a dot and a signed exponent, "
+                f"e.g. 1.0e-3)")
+    return f"{source}: {path}: {value!r} is not allowed; {msg}{hint}"
 
 
-def validate_evaluate(section: Any, source: str = "params.yaml") -> dict:
-    c = _Checker(source)
-    c.keys(section, "evaluate", ("noise_seed",))
-    if isinstance(section["noise_seed"], bool) or not isinstance(section["noise_seed"], int):
-        c.fail("evaluate.noise_seed", section["noise_seed"], "must be an integer")
-    return section
-
-
-def validate_models(models: Any, source: str = "params.yaml") -> dict:
-    if not isinstance(models, dict) or not models:
-        raise ConfigError(f"{source}: models: expected a non-empty mapping of name to settings")
-    for name, cfg in models.items():
-        validate_model(name, cfg, source)
-    return models
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{'optimizer': {'lr': 1}} -> {'optimizer.lr': 1}; lists become strings (for MLflow)."""
+    """{'optimizer': {'lr': 1}} -> {'optimizer.lr': 1} (for MLflow params)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"

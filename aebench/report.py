@@ -1,7 +1,7 @@
 """The Markdown summary a reviewer pastes into a pull request.
 
-Plain functions of the two metrics files (evaluate's models.json, pca's pca.json) and the
-figures folder; no torch, so the report stage starts in a blink.
+Plain functions of evaluate's outputs (the headline metrics, the details of every replica), the
+PCA curve and the figures folder; no torch, so the report stage starts in a blink.
 """
 
 from __future__ import annotations
@@ -10,24 +10,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-N_PIXELS = 784
+from .compare import ALPHA, detectable
+from .constants import N_PIXELS, REFERENCES
 
-# design.md, "Reference points": (reference, latent, sse_per_image, mse) on the MNIST test set.
-REFERENCES = (
-    ("PCA (fit on the 60k training images)", 30, 13.87, 0.01769),
-    ("PCA", 128, 3.30, 0.00421),
-    ("Hinton & Salakhutdinov 2006, deep autoencoder 784-1000-500-250-30", 30, 3.00, 0.00383),
-)
 DASH = "—"
-
-
-def pca_at(pca: dict[str, dict], latent: int) -> dict | None:
-    """The PCA entry for a model of this latent size: k = min(latent, 784), or the nearest k
-    present (ties to the smaller, the stricter bar)."""
-    if not pca:
-        return None
-    k = min(latent, N_PIXELS)
-    return min(pca.values(), key=lambda e: (abs(e["latent_dim"] - k), e["latent_dim"]))
 
 
 def _num(value: Any, fmt: str) -> str:
@@ -46,49 +32,54 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _pca_columns(model: dict, pca: dict) -> list[str]:
+def _pm(stat: dict | None, fmt) -> str:
+    """mean ± std of a headline entry."""
+    if stat is None:
+        return DASH
+    return f"{fmt(stat['mean'])} ± {fmt(stat['std'])}"
+
+
+def _pca_columns(mse: float, pca_entry: dict) -> list[str]:
     """PCA MSE (k), model / PCA, beats PCA."""
-    entry = pca_at(pca, model["latent_dim"])
-    if entry is None:
-        return [DASH, DASH, DASH]
-    cell = f"{_mse(entry['mse'])} (k={entry['latent_dim']})"
-    if entry["latent_dim"] >= N_PIXELS:  # full rank: PCA is exact, no linear bar to compare
+    k, pca = pca_entry["k"], pca_entry["mse"]
+    cell = f"{_mse(pca)} (k={k})"
+    if k >= N_PIXELS:  # full rank: PCA is exact, no linear bar to compare
         return [cell, DASH, "n/a (PCA exact)"]
-    ratio = model["mse"] / entry["mse"]
-    return [cell, f"{ratio:.2f}", "yes" if ratio < 1 else "no"]
+    return [cell, f"{mse / pca:.2f}", "yes" if mse < pca else "no"]
 
 
-def model_rows(models: dict[str, dict], pca: dict[str, dict]) -> list[list[str]]:
+def model_rows(headline: dict, details: dict) -> list[list[str]]:
     rows = []
-    for name, m in models.items():
-        loss = _num(m.get("test_loss"), ".4g")
-        if "loss" in m:
-            loss += f" ({m['loss']})"
+    for name, h in headline.items():
+        d = details[name]
+        loss = _pm(h.get("test_loss") or h["mse"], lambda v: format(v, ".4g"))
         rows.append([
-            name, str(m["latent_dim"]), f"{m['params']:,}", _mse(m["mse"]),
-            f"{m['sse_per_image']:.2f}", _num(m.get("psnr"), ".2f"), _num(m.get("bce"), ".4f"),
-            loss, *_pca_columns(m, pca), _num(m.get("train_seconds"), ".1f"),
-            m.get("device") or DASH,
+            name, str(d["latent_dim"]), f"{d['params']:,}", _pm(h["mse"], _mse),
+            _pm(h["sse_per_image"], lambda v: f"{v:.2f}"),
+            _num(d["mean"].get("psnr"), ".2f"), _num(d["mean"].get("bce"), ".4f"),
+            f"{loss} ({d['loss']})", *_pca_columns(h["mse"]["mean"], d["pca"]),
+            str(h["n"]), d.get("device") or DASH,
         ])
     return rows
 
 
-def reference_rows(models: dict[str, dict], pca: dict[str, dict]) -> list[list[str]]:
+def reference_rows(details: dict, curve: dict) -> list[list[str]]:
     rows = []
     for ref, latent, sse, mse in REFERENCES:
-        own = next((e for e in pca.values() if e["latent_dim"] == latent), None)
-        same = [f"{n} {m['sse_per_image']:.2f}" for n, m in models.items()
-                if m["latent_dim"] == latent]
+        own = (latent, float(curve["test_mse"][latent])) if latent < len(curve["test_mse"]) \
+            else None
+        same = [f"{n} {d['mean']['sse_per_image']:.2f}" for n, d in details.items()
+                if d["latent_dim"] == latent]
         rows.append([ref, str(latent), f"{sse:.2f}", f"{mse:.5f}",
-                     DASH if own is None else f"{own['sse_per_image']:.2f}",
-                     DASH if own is None else _mse(own["mse"]),
-                     ", ".join(same) or DASH])
+                     DASH if own is None else f"{own[1] * N_PIXELS:.2f}",
+                     DASH if own is None else _mse(own[1]), ", ".join(same) or DASH])
     return rows
 
 
-def denoise_rows(models: dict[str, dict]) -> list[list[str]]:
+def denoise_rows(details: dict) -> list[list[str]]:
     rows = []
-    for name, m in models.items():
+    for name, d in details.items():
+        m = d["mean"]
         if "denoise_mse" not in m:
             continue
         noisy, denoised = m["noisy_input_mse"], m["denoise_mse"]
@@ -96,6 +87,16 @@ def denoise_rows(models: dict[str, dict]) -> list[list[str]]:
                      f"{noisy / denoised:.2f}" if denoised else DASH,
                      "yes" if denoised < noisy else "no"])
     return rows
+
+
+def noise_sentence(headline: dict) -> str:
+    n = min((h["n"] for h in headline.values()), default=1)
+    if n < 2:
+        return ("Each model was trained once (n = 1): nothing here tells a real difference "
+                "between two commits from seed noise; set train.replicas to 3 or more.")
+    return (f"With n = {n} replicas per side, a difference between two commits is real "
+            f"(Welch's t-test, p < {ALPHA}) only when it exceeds about "
+            f"{detectable(n):.1f} × the std across replicas; `aebench compare` runs that test.")
 
 
 def figure_links(figures_dir: str | Path, report_path: str | Path) -> list[str]:
@@ -107,36 +108,40 @@ def figure_links(figures_dir: str | Path, report_path: str | Path) -> list[str]:
     return [Path(os.path.relpath(p, start)).as_posix() for p in sorted(figures_dir.rglob("*.png"))]
 
 
-def summary(models: dict[str, dict], pca: dict[str, dict], figures: list[str]) -> str:
+def summary(headline: dict, details: dict, curve: dict, figures: list[str]) -> str:
     """The report's Markdown: models vs PCA, the published reference points, denoising, figures."""
     lines = [
         "# aebench: autoencoders on MNIST",
         "",
-        "Every model on the 10,000 MNIST test images. All metrics on [0,1] pixels (outputs of "
-        "[-1,1] models mapped by (y+1)/2, not clamped); SSE/image = 784 x MSE; PSNR with peak "
-        "1.0; BCE with outputs clamped to [1e-7, 1-1e-7]. The test loss is in each model's own "
+        "Every model on the 10,000 MNIST test images, as mean ± standard deviation over its n "
+        "replicas (seeds). All metrics on [0,1] pixels (outputs of [-1,1] models mapped by "
+        "(y+1)/2, not clamped); SSE/image = 784 x MSE; PSNR (of the mean MSE) with peak 1.0; "
+        "BCE with outputs clamped to [1e-7, 1-1e-7]. The test loss is in each model's own "
         "training scale and loss. PCA (fit on the 60,000 training images) is the best a linear "
         "code of the same size can do: a model that does not beat it has learned nothing a "
         "linear map could not. A code of 784 or more gets full-rank PCA, which is exact.",
+        "",
+        noise_sentence(headline),
         "",
         "## Models",
         "",
     ]
     header = ["model", "latent", "params", "test MSE", "SSE/image", "PSNR dB", "BCE",
-              "test loss (source scale)", "PCA MSE (k)", "model / PCA", "beats PCA",
-              "train s", "device"]
-    lines += _table(header, model_rows(models, pca)) if models else ["No models evaluated."]
+              "test loss (source scale)", "PCA MSE (k)", "model / PCA", "beats PCA", "n",
+              "device"]
+    lines += _table(header, model_rows(headline, details)) if headline \
+        else ["No models evaluated."]
     lines += ["", "## Reference points", "",
-              "Published numbers (design.md) next to this pipeline's own PCA at the same latent "
-              "size, and this pipeline's models with that latent size (SSE/image).", ""]
+              "Published numbers next to this pipeline's own PCA at the same latent size, and "
+              "this pipeline's models with that latent size (mean SSE/image).", ""]
     lines += _table(["reference", "latent", "SSE/image", "MSE", "pipeline PCA SSE/image",
-                     "pipeline PCA MSE", "pipeline models"], reference_rows(models, pca))
-    denoise = denoise_rows(models)
+                     "pipeline PCA MSE", "pipeline models"], reference_rows(details, curve))
+    denoise = denoise_rows(details)
     if denoise:
         lines += ["", "## Denoising", "",
                   "Models trained on masked inputs, on the test images masked with a fixed "
-                  "noise seed, against the clean images. The noisy input itself is the bar a "
-                  "denoiser must clear.", ""]
+                  "noise seed, against the clean images (means over replicas). The noisy input "
+                  "itself is the bar a denoiser must clear.", ""]
         lines += _table(["model", "noisy input MSE", "denoised MSE", "clean-input MSE",
                          "noisy / denoised", "clears the bar"], denoise)
     lines += ["", "## Figures", ""]

@@ -16,34 +16,50 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .metrics import source_loss
+from .constants import N_PIXELS
+from .kinds import ModelConfig
 from .models import mask_noise, to_model_scale, to_unit_scale
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a NaN or infinite loss, say)."""
+    """Training cannot go on (a NaN, infinite or exploding loss)."""
+
+
+# An epoch's mean loss this many times epoch 1's is a run that diverged (lr 1e6 keeps the loss
+# finite but huge); no source's curve comes anywhere near it.
+EXPLODED = 1e3
+
+
+def _available(kind: str) -> bool:
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    return kind == "cpu"
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """`auto`: CUDA, then MPS, then the CPU. A device asked for by name must exist; the error
+    says so before any data is read."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device(next(k for k in ("cuda", "mps", "cpu") if _available(k)))
+    if not _available(name):
+        raise ValueError(f"params.yaml: train.device: {name!r} is not available on this machine"
+                         " (torch sees no such device); use auto or cpu")
     return torch.device(name)
 
 
-def make_optimizer(params, cfg: dict, *, fast: bool, capturable: bool = False):
-    opt = cfg["optimizer"]
-    kw = {"lr": opt["lr"], "weight_decay": opt["weight_decay"], "foreach": fast}
+def make_optimizer(params, cfg: ModelConfig, *, fast: bool, capturable: bool = False):
+    opt = cfg.optimizer
+    kw = {"lr": opt.lr, "weight_decay": opt.weight_decay, "foreach": fast}
     if capturable:
         kw["capturable"] = True
-    if opt["name"] == "adam":
+    if opt.name == "adam":
         return torch.optim.Adam(params, **kw)
     # Keras's Nadam (seed 003): beta_1 0.9, beta_2 0.999, epsilon 1e-7, schedule decay 0.004.
     return torch.optim.NAdam(params, betas=(0.9, 0.999), eps=1e-7, momentum_decay=4e-3, **kw)
@@ -78,12 +94,10 @@ def test_mse(model: nn.Module, test_x: torch.Tensor, pixels: str, batch_size: in
     return total / test_x.numel()
 
 
-def _step_fn(model, optimizer, cfg):
-    noise, loss_name = cfg["input_noise"], cfg["loss"]
-
+def _step_fn(model, optimizer, cfg: ModelConfig):
     def step(x):
         optimizer.zero_grad(set_to_none=False)
-        loss = source_loss(model(mask_noise(x, noise)), x, loss_name)
+        loss = cfg.training_loss(model, mask_noise(x, cfg.input_noise), x)
         loss.backward()
         optimizer.step()
         return loss
@@ -91,17 +105,34 @@ def _step_fn(model, optimizer, cfg):
     return step
 
 
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """A function that puts the model's parameters AND buffers (a BatchNorm's running
+    statistics) back to their values now, and the optimizer's state to its fresh values, in
+    place: a CUDA graph holds their addresses. Fresh Adam/NAdam state is all zeros except
+    NAdam's running momentum product, which starts at one."""
+    saved = [(t, t.detach().clone()) for t in (*model.parameters(), *model.buffers())]
+
+    @torch.no_grad()
+    def restore() -> None:
+        for tensor, value in saved:
+            tensor.copy_(value)
+        for state in optimizer.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    value.fill_(1.0 if key == "mu_product" else 0.0)
+
+    return restore
+
+
 class _GraphedStep:
     """The training step for full batches, captured once as a CUDA graph and replayed.
 
-    Capture needs warm-up steps on a side stream. They would change the weights, so afterwards
-    the parameters are restored and the optimizer state reset to its fresh values, in place,
-    because the graph holds their addresses. Fresh Adam/NAdam state is all zeros except NAdam's
-    running momentum product, which starts at one."""
+    Capture needs warm-up steps on a side stream. They would change the weights, buffers and
+    optimizer state, so afterwards `snapshot`'s restore puts them back."""
 
     def __init__(self, step, model, optimizer, batch_size, device):
-        self.x = torch.zeros(batch_size, 784, device=device)
-        initial = [p.detach().clone() for p in model.parameters()]
+        self.x = torch.zeros(batch_size, N_PIXELS, device=device)
+        restore = snapshot(model, optimizer)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -111,13 +142,7 @@ class _GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.loss = step(self.x)
-        with torch.no_grad():
-            for p, p0 in zip(model.parameters(), initial, strict=True):
-                p.copy_(p0)
-            for state in optimizer.state.values():
-                for key, value in state.items():
-                    if torch.is_tensor(value):
-                        value.fill_(1.0 if key == "mu_product" else 0.0)
+        restore()
 
     def __call__(self, x):
         self.x.copy_(x)
@@ -125,15 +150,15 @@ class _GraphedStep:
         return self.loss
 
 
-def train(model: nn.Module, cfg: dict, train_x: torch.Tensor, test_x: torch.Tensor, *,
+def train(model: nn.Module, cfg: ModelConfig, train_x: torch.Tensor, test_x: torch.Tensor, *,
           device: torch.device, seed: int, path: str = "fast", name: str = "model",
-          progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> History:
+          progress: bool = True) -> History:
     """Train `model` as `cfg` (one validated models.<name> entry) says; return its history.
 
     `train_x` and `test_x` are uint8 (N, 784) tensors. Each epoch records the training loss in
     the source's own scale (mean over the epoch's batches, and the last batch as seed 002
     printed it) and the test MSE on [0,1] pixels."""
-    pixels, bs = cfg["pixels"], cfg["batch_size"]
+    pixels, bs = cfg.pixels, cfg.batch_size
     fast = path == "fast"
     graphed = fast and device.type == "cuda"
     if device.type == "cpu":
@@ -159,9 +184,10 @@ def train(model: nn.Module, cfg: dict, train_x: torch.Tensor, test_x: torch.Tens
             graphed = False
     gen = torch.Generator(device=data.device if fast else "cpu").manual_seed(seed)
     history = History(path="fast+cudagraph" if graphed else path)
-    bar = tqdm(range(1, cfg["epochs"] + 1), desc=f"train {name}", unit="epoch",
+    bar = tqdm(range(1, cfg.epochs + 1), desc=f"train {name}", unit="epoch",
                disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
+    first = None
     for epoch in bar:
         perm = torch.randperm(n, device=gen.device, generator=gen)
         if fast:
@@ -170,6 +196,8 @@ def train(model: nn.Module, cfg: dict, train_x: torch.Tensor, test_x: torch.Tens
                 idx = perm[i:i + bs]
                 loss = (full_step if len(idx) == bs else step)(data[idx])
                 total += loss.detach()
+                if first is None:  # the untrained model's loss (a graph reuses its output)
+                    first = loss.detach().clone()
             mean_loss, last_loss = (total / math.ceil(n / bs)).item(), loss.item()
         else:
             losses = []
@@ -177,17 +205,48 @@ def train(model: nn.Module, cfg: dict, train_x: torch.Tensor, test_x: torch.Tens
                 loss = step(data[perm[i:i + bs]].to(device))
                 losses.append(loss.item())
             mean_loss, last_loss = sum(losses) / len(losses), losses[-1]
+            first = losses[0] if first is None else first
         if not (math.isfinite(mean_loss) and math.isfinite(last_loss)):
             raise TrainingError(f"model {name}: training loss is {mean_loss} at epoch {epoch}; "
-                                "stopping (no weights written)")
+                                "stopping (no weights written; a smaller optimizer.lr?)")
+        first_loss = float(first)
+        if mean_loss > EXPLODED * first_loss:
+            raise TrainingError(f"model {name}: training loss {mean_loss:.4g} at epoch {epoch} is "
+                                f"over {EXPLODED:g} x the untrained model's {first_loss:.4g}; "
+                                "stopping, the run diverged (no weights written; a smaller "
+                                "optimizer.lr?)")
         record = {"epoch": epoch, "train_loss": mean_loss, "train_loss_last_batch": last_loss,
                   "test_mse": test_mse(model, test, pixels).item()}
         history.epochs.append(record)
         bar.set_postfix(loss=f"{mean_loss:.4g}", test_mse=f"{record['test_mse']:.4g}")
-        if on_epoch:
-            on_epoch(record)
     if device.type == "cuda":
         torch.cuda.synchronize()
     history.seconds = time.perf_counter() - start
-    history.samples = n * cfg["epochs"]
+    history.samples = n * cfg.epochs
     return history
+
+
+def train_replica(cfg: ModelConfig, train_x: torch.Tensor, test_x: torch.Tensor, *,
+                  device: torch.device, seed: int, path: str = "fast", name: str = "model",
+                  progress: bool = True) -> tuple[nn.Module, History]:
+    """A fresh model of `cfg` built and trained from `seed` (weights, shuffles, dropout and
+    noise all follow from it); returned on the CPU in eval mode, with its history."""
+    torch.manual_seed(seed)
+    model = cfg.make()
+    history = train(model, cfg, train_x, test_x, device=device, seed=seed, path=path, name=name,
+                    progress=progress)
+    return model.cpu().eval(), history
+
+
+def curve_rows(histories: list[History]) -> list[dict]:
+    """Per epoch, the mean and standard deviation (ddof 1; 0 for one replica) over replicas of
+    the test MSE and the training loss: the rows of plots/curves/<name>.csv."""
+    rows = []
+    for records in zip(*(h.epochs for h in histories), strict=True):
+        row: dict = {"epoch": records[0]["epoch"]}
+        for key in ("test_mse", "train_loss"):
+            values = np.array([r[key] for r in records], dtype=np.float64)
+            row[key] = float(values.mean())
+            row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows

@@ -1,72 +1,29 @@
-"""Stage pca: the optimal linear baseline at every latent size in use.
+"""Stage pca: the optimal linear baseline for every number of components at once.
 
-    python -m stages.pca CSV_DIR PCA_JSON CURVE_CSV
-
-Reads params.yaml section `models`, only for the latent sizes of its models. Fits PCA on all
-60,000 training images and writes PCA_JSON ({"pca<k>": test metrics + latent_dim}, by k) and
-CURVE_CSV (components,test_mse for k = 0..784). A latent size above 784 gets k = 784, full-rank
-PCA, which reconstructs exactly: such a model has no linear bar to clear.
+Fits PCA on all 60,000 training images and writes CURVE_CSV: the test MSE on [0,1] pixels for
+k = 0..784 components. One eigendecomposition serves every latent size a model may name, so the
+stage reads no params and never re-runs for a model change; evaluate picks the sizes in use.
 """
 
-from __future__ import annotations
-
 import sys
-from pathlib import Path
 
 import torch
 
-from aebench import config, data, files, metrics, models
+from aebench import cli, constants, data, files, pca
+
+USAGE = "python -m stages.pca CSV_DIR CURVE_CSV"
 
 
-def latent_sizes(models_cfg: dict) -> dict[int, list[str]]:
-    """{k: model names} with k = min(latent_dim, 784), sorted by k."""
-    sizes: dict[int, list[str]] = {}
-    for name, cfg in models_cfg.items():
-        k = min(models.build_model(cfg).latent_dim, metrics.N_PIXELS)
-        sizes.setdefault(k, []).append(name)
-    return dict(sorted(sizes.items()))
-
-
-def pca_metrics(train01, test01, test_labels, ks) -> tuple[dict, torch.Tensor]:
-    """({"pca<k>": metrics}, test mse for k = 0..784) of PCA fit on train01."""
-    mean, components = metrics.fit_pca(train01)
-    results = {}
-    for k in ks:
-        # Full rank reconstructs the input exactly; computing it leaves ~1e-31 of platform-
-        # dependent rounding noise (and a psnr of ~300 dB) in a file that dvc diffs.
-        pred = test01 if k >= len(components) else \
-            metrics.pca_reconstruct(test01, mean, components, k)
-        results[f"pca{k}"] = {**metrics.reconstruction_metrics(pred, test01, test_labels),
-                              "latent_dim": k}
-    return results, metrics.mse_by_components(test01, mean, components)
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print(__doc__, file=sys.stderr)
-        return 2
-    csv_dir, json_path, curve_path = Path(argv[0]), Path(argv[1]), Path(argv[2])
-    models_cfg = config.validate_models(config.load_params("params.yaml").get("models"))
-    sizes = latent_sizes(models_cfg)
-    _, train_x = data.read_mnist_csv(csv_dir / "mnist_train.csv")
-    test_y, test_x = data.read_mnist_csv(csv_dir / "mnist_test.csv")
-
-    results, curve = pca_metrics(metrics.as_tensor(train_x).double() / 255,
-                                 metrics.as_tensor(test_x).double() / 255,
-                                 metrics.as_tensor(test_y), sizes)
-    files.write_json(json_path, metrics.rounded(results))
-    files.write_csv_rows(curve_path, [{"components": k, "test_mse": metrics.rounded(float(v))}
-                                      for k, v in enumerate(curve)])
-    for (k, names), m in zip(sizes.items(), results.values()):
-        note = " (full rank: exact)" if k == metrics.N_PIXELS else ""
-        print(f"pca: k={k}{note}: mse {m['mse']:.4g}, sse/image {m['sse_per_image']:.2f} "
-              f"[{', '.join(names)}]", file=sys.stderr)
-    return 0
+def main(args) -> None:
+    _, train_x = data.read_mnist_csv(f"{args.csv_dir}/{constants.CSV_NAMES['train']}")
+    _, test_x = data.read_mnist_csv(f"{args.csv_dir}/{constants.CSV_NAMES['test']}")
+    mean, components = pca.fit_pca(torch.from_numpy(train_x).double() / 255)
+    curve = pca.mse_by_components(torch.from_numpy(test_x).double() / 255, mean, components)
+    files.write_csv_rows(args.curve_csv, [{"components": k, "test_mse": float(v)}
+                                          for k, v in enumerate(curve)])
+    for k in (30, 128):
+        print(f"pca: k={k}: test mse {float(curve[k]):.5f}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except (config.ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    cli.run(main, USAGE, __doc__)

@@ -1,0 +1,90 @@
+"""The model kinds: `kind:` in a params.yaml entry -> the config class that builds its model.
+
+Adding a kind (a VAE, say) is one file: a `ModelConfig` subclass with `kind: Literal["vae"]`,
+its keys, `build()` returning an nn.Module with `encode`, `decode` and `latent_dim` that takes
+and returns flat (N, 784) batches, and, if its objective is more than the source loss,
+`training_loss()`. Then `register` it here (or from anywhere, as tests/test_kinds.py does).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import re
+from pathlib import Path
+from typing import Annotated, Any, get_args
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+from ..config import PARAMS, ConfigError, describe
+from .base import ModelConfig
+from .conv import ConvConfig
+from .mlp import MLPConfig
+
+KINDS: dict[str, type[ModelConfig]] = {}
+# A name becomes a folder, a DVC stage name (train@NAME) and a params key (models.NAME.epochs),
+# so no slash, space or dot.
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def register(cls: type[ModelConfig]) -> type[ModelConfig]:
+    (tag,) = get_args(cls.model_fields["kind"].annotation)
+    KINDS[tag] = cls
+    _adapter.cache_clear()
+    return cls
+
+
+
+@functools.cache
+def _adapter() -> TypeAdapter:
+    # A discriminated union on `kind` over every registered kind (a union needs two).
+    classes = tuple(KINDS.values())
+    entry = Annotated[functools.reduce(operator.or_, classes), Field(discriminator="kind")] \
+        if len(classes) > 1 else classes[0]
+    return TypeAdapter(entry)
+
+
+register(MLPConfig)
+register(ConvConfig)
+
+
+def validate_model(name: str, entry: Any, source: str | Path = PARAMS) -> ModelConfig:
+    """One `models.NAME` entry as its kind's config; ConfigError naming key and value."""
+    key = f"models.{name}"
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ConfigError(f"{source}: models: {name!r} is not allowed as a model name; use "
+                          "letters, digits, '_' and '-', starting with a letter (it names a "
+                          "folder, a DVC stage and a params key)")
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{source}: {key}: {entry!r} is not allowed; expected a mapping")
+    if "kind" not in entry:
+        raise ConfigError(f"{source}: {key}.kind: missing key")
+    if entry["kind"] not in KINDS:
+        raise ConfigError(f"{source}: {key}.kind: {entry['kind']!r} is not allowed; allowed "
+                          f"values: {', '.join(KINDS)}")
+    try:
+        return _adapter().validate_python(entry)
+    except ValidationError as err:
+        raise ConfigError(describe(err, key, source, skip=1 if len(KINDS) > 1 else 0)) from None
+
+
+def validate_models(models: Any, source: str | Path = PARAMS) -> dict[str, ModelConfig]:
+    if not isinstance(models, dict) or not models:
+        raise ConfigError(f"{source}: models: expected a non-empty mapping of name to settings")
+    return {name: validate_model(name, entry, source) for name, entry in models.items()}
+
+
+
+def read_models(params: dict, source: str | Path = PARAMS) -> dict[str, ModelConfig]:
+    """The `models:` section of loaded params.yaml, every entry validated."""
+    return validate_models(params.get("models"), source)
+
+
+def read_model(params: dict, name: str, source: str | Path = PARAMS) -> ModelConfig:
+    """One entry of the `models:` section, validated alone (a stage for one model reads only
+    its own entry)."""
+    models = params.get("models")
+    if not isinstance(models, dict) or name not in models:
+        known = ", ".join(models) if isinstance(models, dict) else "none"
+        raise ConfigError(f"{source}: models.{name}: missing; models in {source}: {known}")
+    return validate_model(name, models[name], source)

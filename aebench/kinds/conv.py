@@ -1,0 +1,74 @@
+"""kind: conv — the convolutional autoencoder of seed 002."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..constants import SIDE
+from .base import Activation, ModelConfig, OptionalActivation, make_activation
+
+
+class ConvAutoencoder(nn.Module):
+    """Convolutions, `activation`, max-pool; mirrored by transposed convolutions. Takes and
+    returns flat (N, 784) batches like every kind; the code is flattened too."""
+
+    def __init__(self, *, channels: list[int], kernel: int, pool: int, activation: str,
+                 output_activation: str):
+        super().__init__()
+        enc: list[nn.Module] = [nn.Conv2d(a, b, kernel) for a, b in zip(channels, channels[1:])]
+        enc += [make_activation(activation), nn.MaxPool2d(pool)]
+        rev = channels[::-1]
+        dec: list[nn.Module] = [nn.ConvTranspose2d(a, b, kernel) for a, b in zip(rev, rev[1:-1])]
+        dec += [nn.ConvTranspose2d(rev[-2], rev[-1], pool, stride=pool),
+                make_activation(output_activation)]
+        self.encoder = nn.Sequential(*enc)
+        self.decoder = nn.Sequential(*dec)
+        side = code_side(channels, kernel, pool)
+        self.code_shape = (channels[-1], side, side)
+        self.latent_dim = channels[-1] * side * side
+
+    def encode(self, x):
+        return self.encoder(x.view(-1, 1, SIDE, SIDE)).flatten(1)
+
+    def decode(self, z):
+        return self.decoder(z.view(-1, *self.code_shape)).flatten(1)
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+
+
+def code_side(channels: list[int], kernel: int, pool: int) -> int:
+    """Side of the code's feature maps: each unpadded convolution takes kernel - 1, then pool."""
+    return (SIDE - (len(channels) - 1) * (kernel - 1)) // pool
+
+
+class ConvConfig(ModelConfig):
+    kind: Literal["conv"]
+    channels: list[int] = Field(min_length=2)
+    kernel: int = Field(ge=1)
+    pool: int = Field(ge=1)
+    activation: Activation
+    output_activation: OptionalActivation
+
+    @model_validator(mode="after")
+    def _geometry_returns_28x28(self):
+        if self.channels[0] != 1 or min(self.channels) < 1:
+            raise ValueError(f"channels {self.channels} must be positive and start at 1 (one "
+                             "grey channel)")
+        side = code_side(self.channels, self.kernel, self.pool)
+        # The decoder adds back kernel - 1 per transposed convolution, then unpools by `pool`.
+        out = (side + (len(self.channels) - 2) * (self.kernel - 1)) * self.pool
+        if side < 1 or out != SIDE:
+            raise ValueError(f"channels {self.channels}, kernel {self.kernel}, pool {self.pool} "
+                             f"give {max(out, 0)} x {max(out, 0)} outputs from 28 x 28 images, "
+                             "not 28 x 28")
+        return self
+
+    def build(self) -> ConvAutoencoder:
+        return ConvAutoencoder(channels=self.channels, kernel=self.kernel, pool=self.pool,
+                               activation=self.activation,
+                               output_activation=self.output_activation)
