@@ -107,14 +107,37 @@ def test_convert_round_trip(mnist_raw, tmp_path):
         assert np.array_equal(got_pixels, images.reshape(n, 784))
 
 
-@pytest.mark.parametrize("limit", [0, 1, 7, 30, 1000])
+@pytest.mark.parametrize("limit", [0, 1, 7, 30])
 def test_read_mnist_csv_limit(mnist_csv, limit):
     labels, pixels = read_mnist_csv(mnist_csv / "mnist_train.csv", limit=limit)
     want_labels, want_images = make_split(30)
-    n = min(limit, 30)
+    n = limit
     assert labels.shape == (n,) and pixels.shape == (n, 784)
     assert np.array_equal(pixels, want_images[:n].reshape(n, 784))
     assert np.array_equal(labels, want_labels[:n])
+
+
+@pytest.mark.parametrize("blank_lines", ["", "\n\n"])
+def test_read_mnist_csv_limit_above_the_rows(mnist_csv, blank_lines):
+    path = mnist_csv / "mnist_train.csv"
+    with open(path, "a") as f:
+        f.write(blank_lines)  # skipped, so not rows
+    with pytest.raises(ValueError) as err:
+        read_mnist_csv(path, limit=31)
+    assert str(err.value) == (f"{path}: limit 31 is more than the 30 rows in the file"
+                              " (use at most 30)")
+    labels, pixels = read_mnist_csv(path, limit=31, short_ok=True)  # all there are
+    assert labels.shape == (30,) and np.array_equal(pixels, make_split(30)[1].reshape(30, 784))
+
+
+@pytest.mark.parametrize("ending", ["\n", "", "\r\n\n\n"])
+def test_read_mnist_csv_header_and_no_rows(mnist_csv, ending):
+    path = mnist_csv / "mnist_train.csv"
+    path.write_text(path.read_text().splitlines()[0] + ending)
+    for limit in (None, 5):
+        with pytest.raises(ValueError) as err:
+            read_mnist_csv(path, limit)
+        assert str(err.value) == f"{path}: no data rows after the header"
 
 
 def _edit(path: Path, line: int, edit) -> None:
