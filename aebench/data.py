@@ -120,12 +120,15 @@ def write_mnist_csv(path: str | Path, labels: np.ndarray, images: np.ndarray) ->
 # --------------------------------------------------------------------------- CSV reading
 
 
-def read_mnist_csv(path: str | Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_mnist_csv(path: str | Path, limit: int | None = None, *,
+                   short_ok: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Read an MNIST CSV (header line, then `label,p1..p784` per row) written by `convert`.
 
     Returns (labels uint8 [N], pixels uint8 [N, 784]); `limit` keeps the first N rows only.
     Raises ValueError naming the file and the 1-based line (header = line 1) of the first bad
-    row: wrong number of columns, a non-numeric cell, a pixel outside 0..255, a label outside 0..9.
+    row: wrong number of columns, a non-numeric cell, a pixel outside 0..255, a label outside 0..9;
+    also for a file with no data rows, and for a `limit` above the number of rows unless
+    `short_ok` (then all the rows there are).
     """
     path = Path(path)
     if limit is not None and limit < 0:
@@ -142,12 +145,16 @@ def read_mnist_csv(path: str | Path, limit: int | None = None) -> tuple[np.ndarr
     if labels.size and labels.max() > 9:
         _scan_for_error(path, limit)
         raise ValueError(f"{path}: label {labels.max()} outside 0..9")
+    if limit is not None and len(labels) < limit and not short_ok:  # asked for more than there is
+        raise ValueError(f"{path}: limit {limit} is more than the {len(labels)} rows in the file"
+                         f" (use at most {len(labels)})")
     return labels, pixels
 
 
 def _check_header(path: Path) -> None:
     with open(path, newline="") as f:
         header = f.readline()
+        has_rows = any(line.strip() for line in f)  # stops at the first data row
     if not header.strip():
         raise ValueError(f"{path}: empty file, expected a header line")
     names = next(csv.reader([header]))
@@ -156,6 +163,8 @@ def _check_header(path: Path) -> None:
                          " (label, then 784 pixels)")
     if all(_is_int(n) for n in names):
         raise ValueError(f"{path}: line 1: expected a header line (label,1x1,...), got numbers")
+    if not has_rows:
+        raise ValueError(f"{path}: no data rows after the header")
 
 
 def _read_fast(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,8 @@ import hashlib
 import http.server
 import logging
 import os
+import re
+import signal
 import socket
 import threading
 import time
@@ -107,14 +109,37 @@ def test_convert_round_trip(mnist_raw, tmp_path):
         assert np.array_equal(got_pixels, images.reshape(n, 784))
 
 
-@pytest.mark.parametrize("limit", [0, 1, 7, 30, 1000])
+@pytest.mark.parametrize("limit", [0, 1, 7, 30])
 def test_read_mnist_csv_limit(mnist_csv, limit):
     labels, pixels = read_mnist_csv(mnist_csv / "mnist_train.csv", limit=limit)
     want_labels, want_images = make_split(30)
-    n = min(limit, 30)
+    n = limit
     assert labels.shape == (n,) and pixels.shape == (n, 784)
     assert np.array_equal(pixels, want_images[:n].reshape(n, 784))
     assert np.array_equal(labels, want_labels[:n])
+
+
+@pytest.mark.parametrize("blank_lines", ["", "\n\n"])
+def test_read_mnist_csv_limit_above_the_rows(mnist_csv, blank_lines):
+    path = mnist_csv / "mnist_train.csv"
+    with open(path, "a") as f:
+        f.write(blank_lines)  # skipped, so not rows
+    with pytest.raises(ValueError) as err:
+        read_mnist_csv(path, limit=31)
+    assert str(err.value) == (f"{path}: limit 31 is more than the 30 rows in the file"
+                              " (use at most 30)")
+    labels, pixels = read_mnist_csv(path, limit=31, short_ok=True)  # all there are
+    assert labels.shape == (30,) and np.array_equal(pixels, make_split(30)[1].reshape(30, 784))
+
+
+@pytest.mark.parametrize("ending", ["\n", "", "\r\n\n\n"])
+def test_read_mnist_csv_header_and_no_rows(mnist_csv, ending):
+    path = mnist_csv / "mnist_train.csv"
+    path.write_text(path.read_text().splitlines()[0] + ending)
+    for limit in (None, 5):
+        with pytest.raises(ValueError) as err:
+            read_mnist_csv(path, limit)
+        assert str(err.value) == f"{path}: no data rows after the header"
 
 
 def _edit(path: Path, line: int, edit) -> None:
@@ -281,7 +306,7 @@ def http_mirror(good):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/", folder, md5s
     server.shutdown()
@@ -311,6 +336,119 @@ def test_download_http_timeout(tmp_path, good):
         assert time.monotonic() - start < 3
         with pytest.raises(DownloadError, match=r"- http://127.0.0.1:\d+/: timeout after 0.5 s"):
             download(tmp_path / "out2", [url], timeout=0.5, files=md5s)
+    _assert_complete(tmp_path / "out", md5s)
+
+
+@pytest.fixture
+def bad_http():
+    """A loopback HTTP server that misbehaves by path: /drip/ sends the headers, then one byte
+    every 20 ms of a 1 MB body (alive, never done); /slowhead/ drips its status line; /short/
+    announces 1 MB, sends 10 bytes and closes. Each response ends by itself within 5 s.
+    Yields (url, paths requested, seconds from request to the client hanging up)."""
+    requests: list[str] = []
+    hung_up: list[float] = []
+    stop = threading.Event()
+
+    class Bad(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            begin = time.monotonic()
+            end = begin + 5
+            try:
+                if self.path.startswith("/slowhead/"):
+                    for byte in b"HTTP/1.1 200 OK\r\n" * 1000:
+                        if stop.is_set() or time.monotonic() > end:
+                            return
+                        self.wfile.write(bytes([byte]))
+                        time.sleep(0.02)
+                self.send_response(200)
+                self.send_header("Content-Length", "1000000")
+                self.end_headers()
+                if self.path.startswith("/short/"):
+                    self.wfile.write(bytes(10))
+                    return
+                while not stop.is_set() and time.monotonic() < end:
+                    self.wfile.write(b"\x1f")
+                    time.sleep(0.02)
+            except OSError:  # the client hung up
+                hung_up.append(time.monotonic() - begin)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Bad)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", requests, hung_up
+    stop.set()
+    server.shutdown()
+    server.server_close()
+
+
+def _hang_up(bad_http) -> float:
+    # The server notices at its next write or two (every 20 ms): wait a little for it.
+    for _ in range(50):
+        if bad_http[2]:
+            return bad_http[2][0]
+        time.sleep(0.02)
+    raise AssertionError("the client never hung up")
+
+
+@pytest.mark.parametrize(("path", "received"), [("drip/", r"[1-9][\d,]* of 1,000,000 bytes"),
+                                                ("slowhead/", "0 bytes")])
+def test_download_abandons_a_dripping_mirror_at_the_deadline(tmp_path, good, bad_http, caplog,
+                                                             path, received):
+    # Bytes keep coming, so no single read ever times out: only the overall deadline ends it.
+    folder, md5s = good
+    url = bad_http[0] + path
+    caplog.set_level(logging.INFO)
+    start = time.monotonic()
+    download(tmp_path / "out", [url, str(folder)], timeout=1, files=md5s)
+    elapsed = time.monotonic() - start
+    assert 1 <= elapsed < 2.5, elapsed  # one attempt, then skipped for the other three files
+    assert re.search(rf"{re.escape(url)} failed: timeout after 1 s \({received} received\)",
+                     caplog.text), caplog.text
+    assert len(bad_http[1]) == 1
+    assert _hang_up(bad_http) < 1.5  # the connection was cut, not left to drip on
+    _assert_complete(tmp_path / "out", md5s)
+
+
+def test_download_cut_short_tries_the_next_mirror(tmp_path, good, bad_http, caplog):
+    folder, md5s = good
+    url = bad_http[0] + "short/"
+    caplog.set_level(logging.INFO)
+    download(tmp_path / "out", [url, str(folder)], timeout=5, files=md5s)
+    assert f"{url} failed: transfer cut short: 10 of 1,000,000 bytes" in caplog.text
+    assert len(bad_http[1]) == 4  # a file failure, not a dead mirror: tried for every file
+    _assert_complete(tmp_path / "out", md5s)
+
+
+def test_download_ctrl_c_leaves_no_temp_files(tmp_path, good, bad_http):
+    _, md5s = good
+    out = tmp_path / "out"
+    # Ctrl-C, as the terminal sends it: SIGINT to the main thread, mid-transfer.
+    ctrl_c = threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident,
+                                                        signal.SIGINT))
+    ctrl_c.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            download(out, [bad_http[0] + "drip/"], timeout=30, files=md5s)
+    finally:
+        ctrl_c.cancel()
+    assert time.monotonic() - start < 3
+    assert os.listdir(out) == []
+    # The transfer stopped too: the server saw the client hang up right after the Ctrl-C.
+    assert 0.4 < _hang_up(bad_http) < 1.5
+
+
+def test_download_removes_temp_folders_of_a_killed_run(tmp_path, good):
+    folder, md5s = good
+    stale = tmp_path / "out" / ".train-images-idx3-ubyte.x1y2z3.download"
+    stale.mkdir(parents=True)
+    (stale / "train-images-idx3-ubyte.gz").write_bytes(b"partial")
+    download(tmp_path / "out", [str(folder)], files=md5s)
     _assert_complete(tmp_path / "out", md5s)
 
 
