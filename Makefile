@@ -14,9 +14,10 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	# torch and torchvision first, pinned to the builds this machine has on disk
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# torch and torchvision first, pinned to the builds this machine has on disk; pip shows its
+	# progress (a few minutes on a fresh machine)
+	$(BIN)/python -m pip install --progress-bar on torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --progress-bar on -e '.[dev]'
 	touch $@
 
 repro: $(STAMP)
@@ -27,6 +28,12 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# `make smoke`: the whole pipeline on 3,000 training images, one epoch, one replica, in a scratch
+# copy (.smoke/) with its own mlflow.db: a change tried in minutes, the committed results untouched.
+.PHONY: smoke
+smoke: $(STAMP)
+	$(BIN)/python -m aebench.smoke
 
 # `make plots` writes dvc_plots/index.html: the models' test-MSE curves overlaid, the PCA curve
 # and the figures; `make plots REV=HEAD~1` draws the workspace against that revision instead.

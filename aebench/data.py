@@ -17,17 +17,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from aebench.constants import CSV_NAMES, N_PIXELS, SIDE
 from aebench.files import atomic_path
 
 log = logging.getLogger(__name__)
 
-N_PIXELS = 784
-SIDE = 28
 N_COLUMNS = 1 + N_PIXELS  # label, then 784 pixels
 
 SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-CSV_NAMES = {"train": "mnist_train.csv", "test": "mnist_test.csv"}
 CSV_HEADER = ["label"] + [f"{r}x{c}" for r in range(1, SIDE + 1) for c in range(1, SIDE + 1)]
 
 

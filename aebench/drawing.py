@@ -29,7 +29,7 @@ from matplotlib.patches import Patch
 from matplotlib.textpath import TextPath
 from matplotlib.ticker import MaxNLocator
 
-from .constants import HINTON_2006, SIDE
+from .constants import HINTON_2006, N_PIXELS, SIDE
 from .files import atomic_path
 
 DPI = 100
@@ -439,7 +439,7 @@ def pca_curve(components: np.ndarray, mse: np.ndarray, points: Mapping[str, tupl
     last = int(k[keep].max()) if keep.any() else 0
     ax.plot(k[keep], m[keep], color="0.25", lw=1.8,
             label=f"PCA (fit on the training set), k = 1..{last}; beyond, MSE < {PCA_FLOOR:g}")
-    k_max = float(k.max()) if k.size else 784.0
+    k_max = float(k.max()) if k.size else float(N_PIXELS)
     ax.axvline(k_max, color="0.5", ls=":", lw=1)
     ax.text(k_max * 1.06, floor * 1.3, f"{int(k_max)} components: PCA is exact", ha="left",
             va="bottom", fontsize=8, color="0.35", rotation=90)

@@ -38,13 +38,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from .constants import N_PIXELS
+
 if TYPE_CHECKING:  # mlflow is imported inside the functions: importing it costs seconds
     from mlflow.data.dataset import Dataset
     from mlflow.entities import LoggedModel
     from torch import nn
 
 EXPERIMENT = "aebench"
-N_PIXELS = 28 * 28
 PIXEL_SCALES = ("0,1", "-1,1")
 CHECK_TIMEOUT_S = 5.0  # how long open_store waits on an HTTP tracking server
 

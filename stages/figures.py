@@ -32,7 +32,7 @@ def main(args) -> None:
         curves={n: files.read_columns(f"{args.curves_dir}/{n}.csv", CURVE) for n in cfgs},
         test=data.read_mnist_csv(f"{args.csv_dir}/{constants.CSV_NAMES['test']}"),
         train=data.read_mnist_csv(f"{args.csv_dir}/{constants.CSV_NAMES['train']}",
-                                  limit=figures.TRAIN_IMAGE + 1),
+                                  limit=figures.TRAIN_IMAGE + 1, short_ok=True),
         noise_seed=noise_seed)
     paths = figures.draw_all(inputs, Path(args.out_dir))
     with tracking.evaluation_run(experiment_id, name="figures"):

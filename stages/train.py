@@ -1,8 +1,7 @@
 """Stage train@NAME: train the replicas of one model of params.yaml, recorded in MLflow.
 
-Reads params.yaml sections `train` and `models.NAME`. Writes MODEL_DIR/r<i>.pt for replica i
-(seed train.seed + i; state_dict + config) and CURVE_CSV (per epoch, mean and std over the
-replicas). Nothing is written unless every replica finishes with a sane loss.
+Reads params.yaml `train` and `models.NAME`. Writes MODEL_DIR/r<i>.pt for replica i (seed
+train.seed + i) and CURVE_CSV (per epoch, mean and std over replicas), only when all finish.
 """
 
 import sys
@@ -22,16 +21,21 @@ def main(args) -> None:
     device = training.pick_device(train.device)
     files.check_writable(args.model_dir, args.curve_csv)
     experiment_id = tracking.open_store()
-    limit = train.limit or None
-    _, train_x = data.read_mnist_csv(f"{args.csv_dir}/{constants.CSV_NAMES['train']}", limit)
-    _, test_x = data.read_mnist_csv(f"{args.csv_dir}/{constants.CSV_NAMES['test']}")
+    train_csv, test_csv = (f"{args.csv_dir}/{constants.CSV_NAMES[s]}" for s in ("train", "test"))
+    try:
+        _, train_x = data.read_mnist_csv(train_csv, train.limit or None)
+    except ValueError as err:  # name the key when it is the limit that does not fit
+        raise (ValueError(f"params.yaml: train.limit: {err}") if "limit" in str(err) else err) \
+            from None
+    _, test_x = data.read_mnist_csv(test_csv)
     replicas = cfg.replicas or train.replicas
-    print(f"train@{args.name}: {replicas} replica(s) on {len(train_x)} images, device {device}, "
-          f"path {train.path}", file=sys.stderr)
-
+    print(f"train@{args.name}: {replicas} replica(s) on {len(train_x)} images, device {device}",
+          file=sys.stderr)
+    probe = cfg.build()
     run_params = {**config.flatten(cfg.model_dump()), "train.path": train.path,
                   "train.limit": train.limit, "n_train": len(train_x), "device": str(device),
-                  "replicas": replicas}
+                  "replicas": replicas, "latent_dim": probe.latent_dim,
+                  "n_params": sum(t.numel() for t in probe.parameters())}
     histories = []
     # The weights folder is moved into place inside the run: a failure there fails the run too.
     with tracking.training_run(experiment_id, args.name, run_params), \
@@ -49,10 +53,6 @@ def main(args) -> None:
                 tracking.log_replica_model(model, name=args.name, index=r, pixels=cfg.pixels,
                                            weights_sha256=tracking.sha256_file(path))
             histories.append(history)
-            final = history.final
-            print(f"train@{args.name}-r{r}: {cfg.epochs} epochs in {history.seconds:.1f} s; "
-                  f"train loss {final['train_loss']:.4f} ({cfg.loss}), test MSE "
-                  f"{final['test_mse']:.5f}", file=sys.stderr)
         files.write_csv_rows(args.curve_csv, training.curve_rows(histories))
 
 
