@@ -1,0 +1,119 @@
+"""The one entry point of every stage: arguments, one-line errors, signals, parent death.
+
+    if __name__ == "__main__":  # main(args) gets args.models_json ... (str), raises on error
+        cli.run(main, "python -m stages.report MODELS_JSON PCA_JSON FIGURES_DIR REPORT_MD", __doc__)
+
+Exits 0 done, 1 error (one line; AEBENCH_DEBUG=1 or --debug: the traceback), 2 usage, 128 + N
+on signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP) once `finally` and `with` cleanup has run."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+
+SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "ash", "busybox", "fish"}
+
+
+def _name_and_parent(pid: int) -> tuple[str, int] | None:
+    try:  # /proc/PID/stat is "pid (comm) state ppid ...", and comm may hold ")"
+        with open(f"/proc/{pid}/stat") as f:
+            comm, rest = f.read().split("(", 1)[1].rsplit(")", 1)
+        return comm, int(rest.split()[1])
+    except (OSError, IndexError, ValueError):  # gone, or no /proc (not Linux)
+        return None
+
+
+_PARENT = os.getppid()  # at import, as early as a stage can: a later death is seen as a change
+_PARENT_PROC = _name_and_parent(_PARENT)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Interrupted(signum): raised in the main thread by a signal, so that cleanup runs."""
+    signum = property(lambda self: self.args[0])
+
+
+def _on_signal(signum, frame):
+    # One shutdown may bring more signals (a process-group kill, then the parent-death one):
+    # they must not cut the cleanup short. A second Ctrl-C still can, and SIGKILL always does.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    raise Interrupted(signum)
+
+
+def watch_parent() -> None:
+    """SIGTERM this process when the process that runs it goes away, at once or within ~1 s.
+
+    DVC runs a stage as `$SHELL -c CMD` and does not forward SIGTERM. bash execs a single
+    command, so DVC is our parent; dash does not, so our parent is a shell that outlives DVC:
+    then the shell's own parent is watched too (the shell is re-parented when DVC dies)."""
+    via_shell = _PARENT_PROC is not None and _PARENT_PROC[0] in SHELLS
+
+    def orphaned() -> bool:
+        return os.getppid() != _PARENT or (via_shell and _name_and_parent(_PARENT) != _PARENT_PROC)
+
+    if sys.platform == "linux":  # the kernel signals us the moment our parent exits
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG, <linux/prctl.h>
+    if orphaned():  # it died before prctl took effect
+        raise Interrupted(signal.SIGTERM)
+
+    def poll() -> None:
+        while not orphaned():
+            time.sleep(1.0)
+        # to the main thread, so that a blocking call there (sleep, read) is interrupted
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+
+    threading.Thread(target=poll, name="aebench-watch-parent", daemon=True).start()
+
+
+def parse(usage: str, argv: list[str], doc: str | None = None) -> argparse.Namespace:
+    """Parse `argv` by `usage`: its UPPER-CASE words are the positionals, attributes in lower
+    case (CSV_DIR -> args.csv_dir); `--debug` is added. A usage error exits 2 with the usage."""
+    words = usage.split()
+    first = next((i for i, w in enumerate(words) if w.isupper()), len(words))
+    parser = argparse.ArgumentParser(prog=" ".join(words[:first]), description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in words[first:]:
+        parser.add_argument(name.lower(), metavar=name)
+    parser.add_argument("--debug", action="store_true", help="print an error's traceback")
+    return parser.parse_args(argv)
+
+
+def _verdict(err: BaseException, usage: str) -> tuple[str, int]:
+    if isinstance(err, KeyboardInterrupt):
+        stage = next((w for w in reversed(usage.split()) if not w.isupper()), "stage")
+        signum = getattr(err, "signum", signal.SIGINT)
+        return f"interrupted: {stage} ({signal.Signals(signum).name})", 128 + signum
+    msg = "; ".join(s.strip() for s in str(err).splitlines() if s.strip())
+    # ours (ValueError, OSError, raised by our code) carry the whole story in the message
+    if isinstance(err, (ValueError, OSError)) or type(err).__module__.split(".")[0] in (
+            "aebench", "stages"):
+        return f"error: {msg or type(err).__name__}", 1
+    return f"error: {type(err).__name__}: {msg} (AEBENCH_DEBUG=1 for the traceback)", 1
+
+
+def run(main, usage: str, doc: str | None = None, argv: list[str] | None = None):
+    """Parse the arguments by `usage`, call `main(args)` and exit; never returns."""
+    args = parse(usage, sys.argv[1:] if argv is None else argv, doc)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's choice is respected
+            signal.signal(signum, _on_signal)
+    try:
+        if "DVC_STAGE" in os.environ:  # set by DVC for every stage command it runs
+            watch_parent()
+        code = main(args)
+    except (KeyboardInterrupt, Exception) as err:
+        line, code = _verdict(err, usage)
+        try:
+            if args.debug or os.environ.get("AEBENCH_DEBUG") == "1":
+                traceback.print_exc()
+            print(line, file=sys.stderr, flush=True)
+        except OSError:  # stderr may be a closed pipe or a hung-up terminal by now
+            pass
+    sys.exit(code or 0)
