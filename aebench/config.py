@@ -29,7 +29,7 @@ class Section(BaseModel):
 
 
 class Download(Section):
-    mirrors: list[str] = Field(min_length=1)
+    mirrors: list[str]  # may be empty when $MNIST_MIRROR names one
     timeout: float = Field(gt=0)
 
 

@@ -16,9 +16,9 @@ What the store holds, in one experiment (`aebench`):
   metrics are attached to the replica's logged model (`model_id`) and to the test dataset.
   A training run is never written to after it ends; figures go to the evaluation run.
 
-Every run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, or SIGTERM, which the run
-turns into SystemExit). A run left RUNNING by SIGKILL is marked KILLED when that model's
-training starts again.
+Every run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, or SIGTERM and the death of
+`dvc repro`, which aebench.cli turns into KeyboardInterrupt). A run left RUNNING by SIGKILL is
+marked KILLED when that model's training starts again.
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -190,25 +188,6 @@ def _process_alive(tag: str | None) -> bool:
 
 
 @contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM raises SystemExit(143), so the runs in progress end KILLED rather than stay
-    RUNNING. Only the main thread can set a handler; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        # None: a handler set outside Python, which cannot be put back; the default then
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-@contextmanager
 def _run(experiment_id: str, run_name: str, tags: Mapping[str, str], *,
          nested: bool) -> Iterator[str]:
     """Start a run; end it FINISHED, FAILED on an exception, KILLED on KeyboardInterrupt or
@@ -288,7 +267,7 @@ def training_run(experiment_id: str, name: str, params: Mapping[str, Scalar],
 
     end_stale_runs(experiment_id, model=name)
     run_tags = {**common_tags(), "stage": "train", "model": name, **(tags or {})}
-    with _sigterm_as_exit(), _run(experiment_id, name, run_tags, nested=False) as run_id:
+    with _run(experiment_id, name, run_tags, nested=False) as run_id:
         mlflow.log_params(dict(params))
         yield run_id
 
@@ -417,7 +396,7 @@ def evaluation_run(experiment_id: str, name: str = "evaluate",
     RUNNING runs of the same `name` first)."""
     end_stale_runs(experiment_id, stage=name)
     run_tags = {**common_tags(), "stage": name, **(tags or {})}
-    with _sigterm_as_exit(), _run(experiment_id, name, run_tags, nested=False) as run_id:
+    with _run(experiment_id, name, run_tags, nested=False) as run_id:
         yield run_id
 
 

@@ -30,8 +30,8 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a NaN, infinite or exploding loss)."""
 
 
-# An epoch's mean loss this many times epoch 1's is a run that diverged (lr 1e6 keeps the loss
-# finite but huge); no source's curve comes anywhere near it.
+# An epoch's mean loss this many times the untrained model's (its first batch) is a run that
+# diverged (lr 1e6 can keep the loss finite but huge); no source's curve comes near it.
 EXPLODED = 1e3
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from conftest import idx_bytes, make_split, write_idx, write_idx_set
 
+from aebench import cli
 from aebench.data import convert, read_idx, read_mnist_csv
 from aebench.download import DownloadError, download
 from stages import convert as convert_stage
@@ -455,12 +456,19 @@ def test_download_removes_temp_folders_of_a_killed_run(tmp_path, good):
 # --------------------------------------------------------------------------- stages
 
 
+def run_stage(stage, argv: list[str]) -> int:
+    """A stage run as `python -m` runs it (aebench.cli), in this process; its exit code."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(stage.main, stage.USAGE, argv=argv)
+    return exit_.value.code
+
+
 def test_download_stage_reports_every_mirror(tmp_path, monkeypatch, capsys):
     write_idx_set(tmp_path / "mirror")  # generated data: md5 cannot match the real MNIST
     (tmp_path / "params.yaml").write_text(f"download:\n  mirrors: ['{DEAD}']\n  timeout: 2\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MNIST_MIRROR", str(tmp_path / "mirror"))
-    assert download_stage.main(["raw"]) == 1
+    assert run_stage(download_stage, ["raw"]) == 1
     err = capsys.readouterr().err
     assert "error: could not download train-images-idx3-ubyte from any of 2 mirrors:" in err
     assert f"- {tmp_path / 'mirror'}: md5 mismatch" in err and f"- {DEAD}: unreachable" in err
@@ -470,14 +478,14 @@ def test_download_stage_reports_every_mirror(tmp_path, monkeypatch, capsys):
 def test_download_stage_bad_params(tmp_path, monkeypatch, capsys):
     (tmp_path / "params.yaml").write_text("download:\n  mirrors: []\n  timeout: 0\n")
     monkeypatch.chdir(tmp_path)
-    assert download_stage.main(["raw"]) == 1
+    assert run_stage(download_stage, ["raw"]) == 1
     assert "error: params.yaml: download.timeout: 0 is not allowed" in capsys.readouterr().err
 
 
 def test_convert_stage(mnist_raw, tmp_path, capsys):
-    assert convert_stage.main([str(mnist_raw), str(tmp_path / "csv")]) == 0
+    assert run_stage(convert_stage, [str(mnist_raw), str(tmp_path / "csv")]) == 0
     assert (tmp_path / "csv" / "mnist_test.csv").is_file()
     write_idx(mnist_raw / "train-labels-idx1-ubyte", make_split(29)[0])
-    assert convert_stage.main([str(mnist_raw), str(tmp_path / "csv2")]) == 1
+    assert run_stage(convert_stage, [str(mnist_raw), str(tmp_path / "csv2")]) == 1
     err = capsys.readouterr().err
     assert "error: " in err and "has 30 images but" in err and "Traceback" not in err
