@@ -36,9 +36,10 @@ def copy_repo(dest: Path, src: Path = ROOT, *, results: bool = False) -> Path:
         if (src / name).is_file() and (results or not name.startswith(RESULTS)):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / name, dest / name)
-    git = ["git", "-c", "user.name=aebench", "-c", "user.email=aebench@localhost"]
-    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "copy"]):
-        subprocess.run([*git, *args], cwd=dest, check=True, capture_output=True)
+    for args in (["init", "-q"], ["config", "user.name", "aebench"],
+                 ["config", "user.email", "aebench@localhost"], ["add", "-A"],
+                 ["commit", "-q", "-m", "copy"]):
+        subprocess.run(["git", *args], cwd=dest, check=True, capture_output=True)
     return dest
 
 

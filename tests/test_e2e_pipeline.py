@@ -1,121 +1,149 @@
-"""The whole pipeline through DVC, in a temporary copy of the repository, on small generated data.
+"""The whole pipeline through DVC, in temporary copies of the repository, on small generated data.
 
-The download stage verifies the real MNIST checksums, which generated files cannot match, so the
-test writes its own IDX files into data/raw and records them with `dvc commit download`; every
-later stage then runs for real: convert, train@<model> (one epoch each), pca, evaluate, figures,
-report, with MLflow at its default location (sqlite:///<copy>/mlflow.db).
+The download stage verifies the real MNIST checksums, which generated files cannot match, so each
+copy gets its own IDX files in data/raw, recorded with `dvc commit download`; every later stage
+then runs for real: convert, train@<model>, pca, evaluate, figures, report, with MLflow at its
+default location (sqlite:///<copy>/mlflow.db). Two models keep it quick: an mlp with two replicas
+and a conv model trained on noisy inputs with one. Two copies run side by side in two folders,
+and every output must come out byte for byte the same (run ids, times and paths stay out of
+them; numbers are rounded to 6 significant digits; training is deterministic on the CPU).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from conftest import write_idx_set
 
-ROOT = Path(__file__).resolve().parents[1]
+from aebench.smoke import copy_repo
+
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.e2e
+MODELS = {"under30": {"replicas": 2}, "conv16": {"replicas": 1, "input_noise": 0.5}}
+OUTPUTS = ("dvc.lock", "data/models", "metrics", "plots/curves", "plots/pca_curve.csv",
+           "plots/figures", "reports")
+
+
+def env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MNIST_MIRROR")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # `python` in dvc.yaml is this venv's
+    env["OMP_NUM_THREADS"] = "1"  # two pipelines side by side on two cores; tiny models
+    return env
 
 
 def sh(cwd: Path, *args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MNIST_MIRROR")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # `python` in dvc.yaml is this venv's
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
 
-def copy_repo(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    for rel in ("dvc.lock", "metrics", "plots", "reports"):  # start from nothing, not main's run
-        path = dest / rel
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    return dest
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+def prepare(dest: Path) -> Path:
+    repo = copy_repo(dest)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    for cfg in params["models"].values():
-        cfg["epochs"] = 1
+    params["train"]["limit"] = 0
+    params["models"] = {name: {**params["models"][name], "epochs": 1, **extra}
+                        for name, extra in MODELS.items()}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_idx_set(repo / "data" / "raw", n_train=120, n_test=40, gz=False)
-    sh(repo, "git", "init", "-q")
-    sh(repo, "git", "config", "user.email", "test@example.com")
-    sh(repo, "git", "config", "user.name", "test")
     sh(repo, "dvc", "commit", "-f", "download")
-    sh(repo, "dvc", "repro")
     sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-q", "-m", "baseline")
+    sh(repo, "git", "commit", "-q", "-m", "small params")
     return repo
 
 
-def test_every_model_is_trained_evaluated_and_recorded(repo):
-    names = list(yaml.safe_load((repo / "params.yaml").read_text())["models"])
-    metrics = json.loads((repo / "metrics" / "models.json").read_text())
-    assert list(metrics) == names
-    for name in names:
-        ckpt = torch.load(repo / "data" / "models" / name / "weights.pt", weights_only=True)
-        assert ckpt["name"] == name and ckpt["state_dict"]
-        curve = (repo / "plots" / "curves" / f"{name}.csv").read_text().splitlines()
-        assert curve[0].startswith("epoch,") and len(curve) == 2
-        assert 0 < metrics[name]["mse"] < 1
-    assert set(json.loads((repo / "metrics" / "pca.json").read_text()))
+def files_under(root: Path) -> dict[str, bytes]:
+    out = {}
+    for rel in OUTPUTS:
+        path = root / rel
+        for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+            out[str(f.relative_to(root))] = f.read_bytes()
+    return out
+
+
+def side_by_side(*commands: tuple[Path, list[str]]) -> list[str]:
+    """Run each (folder, command) at once (the machine has two cores); their outputs."""
+    runs = [subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for cwd, cmd in commands]
+    outs = [run.communicate(timeout=900)[0] for run in runs]
+    for run, out in zip(runs, outs, strict=True):
+        assert run.returncode == 0, out
+    return outs
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory) -> dict:
+    """Two copies with the pipeline run once each, side by side; their outputs are saved; then,
+    again side by side, an experiment with one param changed in the first and a plain
+    `dvc repro` (nothing changed) in the second."""
+    a, b = (prepare(tmp_path_factory.mktemp(n)) for n in ("a", "b"))
+    side_by_side((a, ["dvc", "repro"]), (b, ["dvc", "repro"]))
+    sh(a, "git", "add", "-A")
+    sh(a, "git", "commit", "-q", "-m", "baseline")
+    outputs = (files_under(a), files_under(b))
+    exp, rerun = side_by_side((a, ["dvc", "exp", "run", "-S", "models.under30.epochs=2"]),
+                              (b, ["dvc", "repro"]))
+    return {"a": a, "b": b, "outputs": outputs, "exp": exp, "rerun": rerun}
+
+
+def test_every_model_is_trained_evaluated_and_recorded(repos):
+    repo = repos["b"]  # as the first run left it
+    headline = json.loads((repo / "metrics" / "models.json").read_text())
+    assert list(headline) == list(MODELS)
+    assert headline["under30"]["n"] == 2 and headline["conv16"]["n"] == 1
+    assert set(headline["under30"]) == {"mse", "sse_per_image", "test_loss", "n"}
+    assert all(0 < m["mse"]["mean"] < 1 for m in headline.values())
+    assert headline["conv16"]["mse"]["std"] == 0
+    assert sorted(p.name for p in (repo / "data" / "models" / "under30").iterdir()) \
+        == ["r0.pt", "r1.pt"]
+    curve = (repo / "plots" / "curves" / "under30.csv").read_text().splitlines()
+    assert curve[0] == "epoch,test_mse,test_mse_std,train_loss,train_loss_std" and len(curve) == 2
+    assert set(json.loads((repo / "metrics" / "pca.json").read_text())) == {"pca30"}
+    details = json.loads((repo / "reports" / "details.json").read_text())
+    assert "denoise_mse" in details["conv16"]["mean"] and len(details["under30"]["replicas"]) == 2
     pngs = list((repo / "plots" / "figures").glob("*.png"))
-    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+    assert len(pngs) == 8 and all(p.stat().st_size > 1000 for p in pngs)
     report = (repo / "reports" / "summary.md").read_text()
-    assert all(name in report for name in names)
+    assert all(name in report for name in MODELS) and "## Denoising" in report
 
     db = sqlite3.connect(repo / "mlflow.db")
-    runs = dict(db.execute("select name, run_uuid from runs where status = 'FINISHED'"))
-    assert set(runs) == set(names)
-    for run_id in runs.values():
-        keys = {k for (k,) in db.execute("select key from params where run_uuid=?", (run_id,))}
-        assert {"optimizer.lr", "batch_size", "train.seed", "device"} <= keys
-        steps = db.execute("select step from metrics where run_uuid=? and key='test_mse'",
-                           (run_id,)).fetchall()
-        assert set(steps) == {(1,)}  # one epoch at step=epoch; evaluate's final value at it too
-        evaluated = {k for (k,) in db.execute("select key from latest_metrics where run_uuid=?",
-                                              (run_id,))}
-        assert "test_sse_per_image" in evaluated
-    logged = {n for (n,) in db.execute("select name from logged_models")}
-    assert logged == {"model"} and db.execute("select count(*) from logged_models").fetchone()[0] \
-        == len(names)
+    runs = {name: status for name, status in db.execute("select name, status from runs")}
+    assert {"under30", "under30-r0", "under30-r1", "conv16", "conv16-r0", "evaluate",
+            "under30-r0-eval", "figures"} <= set(runs)
+    assert set(runs.values()) == {"FINISHED"}
+    logged = sorted(n for (n,) in db.execute("select name from logged_models"))
+    assert logged == ["conv16-r0", "under30-r0", "under30-r1"]
+    train_keys = {k for (k,) in db.execute(
+        "select m.key from metrics m join runs r on m.run_uuid = r.run_uuid "
+        "where r.name = 'under30-r0'")}
+    assert "test_mse" in train_keys and not any(k.startswith("test_sse") for k in train_keys)
 
 
-def test_nothing_reruns_when_nothing_changed(repo):
-    out = sh(repo, "dvc", "repro")
-    assert "Running stage" not in out
+def test_two_folders_give_the_same_bytes(repos):
+    a, b = repos["outputs"]
+    assert len(a) > 20 and sorted(a) == sorted(b)
+    different = [name for name in a if a[name] != b[name]]
+    assert different == []
 
 
-def test_one_param_change_retrains_and_rescores_only_that_model(repo):
-    out = sh(repo, "dvc", "exp", "run", "-S", "models.under30.epochs=2")
-    trained = sorted(line.split("'")[1] for line in out.splitlines()
-                     if line.startswith("Running stage 'train@"))
-    assert trained == ["train@under30"]
-    params = json.loads(sh(repo, "dvc", "params", "diff", "--json"))
-    changed = params["params.yaml"]
-    assert list(changed) == ["models.under30.epochs"]
-    assert (changed["models.under30.epochs"]["old"], changed["models.under30.epochs"]["new"]) \
+def test_nothing_reruns_when_nothing_changed(repos):
+    assert "Running stage" not in repos["rerun"]
+
+
+def test_one_param_change_retrains_and_rescores_only_that_model(repos):
+    repo, out = repos["a"], repos["exp"]
+    ran = sorted(line.split("'")[1] for line in out.splitlines()
+                 if line.startswith("Running stage"))
+    assert ran == ["evaluate", "figures", "report", "train@under30"]
+    params = json.loads(sh(repo, "dvc", "params", "diff", "--json"))["params.yaml"]
+    assert list(params) == ["models.under30.epochs"]
+    assert (params["models.under30.epochs"]["old"], params["models.under30.epochs"]["new"]) \
         == (1, 2)
     diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json"))["metrics/models.json"]
-    changed_models = {key.split(".")[0] for key in diff}
-    assert changed_models == {"under30"}
+    assert {key.split(".")[0] for key in diff} == {"under30"}
