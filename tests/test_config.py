@@ -1,9 +1,15 @@
+"""params.yaml validation: every error is one line naming the file, the key path, the bad value and
+what is allowed."""
+
 import copy
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from aebench.config import ConfigError, load_params, validate_model, validate_models, validate_train
+from aebench import config, kinds
+from aebench.config import ConfigError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,57 +20,135 @@ def params():
 
 
 def test_shipped_params_are_valid(params):
-    validate_models(params["models"])
-    validate_train(params["train"])
+    cfgs = kinds.read_models(params)
+    assert list(cfgs) == list(params["models"])
+    assert {c.kind for c in cfgs.values()} == {"mlp", "conv"}
+    config.section(params, "download", config.Download)
+    config.section(params, "train", config.Train)
+    config.section(params, "evaluate", config.Evaluate)
 
 
-@pytest.mark.parametrize("key, value, expect", [
-    (("kind",), "rnn", ["models.deep3.kind", "'rnn'", "mlp, conv"]),
-    (("activation",), "gelu", ["models.deep3.activation", "'gelu'", "relu, leaky_relu"]),
-    (("optimizer", "name"), "sgd", ["models.deep3.optimizer.name", "'sgd'", "adam, nadam"]),
-    (("loss",), "l1", ["models.deep3.loss", "'l1'", "mse, bce, half_mse"]),
-    (("pixels",), "0,255", ["models.deep3.pixels", "'0,255'", "0,1, -1,1"]),
-    (("optimizer", "lr"), 0, ["models.deep3.optimizer.lr", "0", "(0, inf)"]),
-    (("optimizer", "lr"), -1e-3, ["models.deep3.optimizer.lr", "-0.001"]),
-    (("batch_size",), 0, ["models.deep3.batch_size", "0", "positive integer"]),
-    (("epochs",), -2, ["models.deep3.epochs", "-2", "positive integer"]),
-    (("epochs",), 1.5, ["models.deep3.epochs", "1.5"]),
-    (("encoder",), [100, 12, 3], ["models.deep3.encoder", "[100, 12, 3]", "784"]),
-    (("decoder",), [3, 12, 780], ["models.deep3.decoder", "784"]),
-    (("input_noise",), 1.0, ["models.deep3.input_noise", "1.0", "[0, 1)"]),
-    (("typo_key",), 1, ["models.deep3.typo_key", "unknown key"]),
-])
-def test_bad_model_value_names_key_value_and_allowed(params, key, value, expect):
-    cfg = copy.deepcopy(params["models"]["deep3"])
+def changed(params, name, key, value):
+    """A deep copy of models.NAME with the value at `key` (a path of keys) replaced."""
+    cfg = copy.deepcopy(params["models"][name])
     target = cfg
     for k in key[:-1]:
         target = target[k]
     target[key[-1]] = value
+    return cfg
+
+
+@pytest.mark.parametrize("key, value, expect", [
+    (("kind",), "rnn", ["models.deep3.kind: 'rnn'", "mlp, conv"]),
+    (("activation",), "gelu", ["models.deep3.activation: 'gelu'", "relu, leaky_relu"]),
+    (("optimizer", "name"), "sgd", ["models.deep3.optimizer.name: 'sgd'", "adam or nadam"]),
+    (("loss",), "l1", ["models.deep3.loss: 'l1'", "mse, bce or half_mse"]),
+    (("pixels",), "0,255", ["models.deep3.pixels: '0,255'", "0,1 or -1,1"]),
+    (("optimizer", "lr"), 0, ["models.deep3.optimizer.lr: 0 ", "greater than 0"]),
+    (("optimizer", "lr"), -1e-3, ["models.deep3.optimizer.lr: -0.001 ", "greater than 0"]),
+    (("batch_size",), 0, ["models.deep3.batch_size: 0 ", "greater than or equal to 1"]),
+    (("epochs",), -2, ["models.deep3.epochs: -2 ", "greater than or equal to 1"]),
+    (("epochs",), 1.5, ["models.deep3.epochs: 1.5 ", "valid integer"]),
+    (("replicas",), 0, ["models.deep3.replicas: 0 ", "greater than or equal to 1"]),
+    # Checks across keys name the entry and, in the message, the key and its value.
+    (("encoder",), [100, 12, 3], ["models.deep3: encoder [100, 12, 3]", "784"]),
+    (("decoder",), [3, 12, 780], ["models.deep3: decoder [3, 12, 780]", "784"]),
+    (("decoder",), [4, 12, 784], ["models.deep3: decoder [4, 12, 784]", "code size 3"]),
+    (("input_noise",), 1.0, ["models.deep3.input_noise: 1.0 ", "less than 1"]),
+    (("typo_key",), 1, ["models.deep3.typo_key: 1 ", "unknown key"]),
+])
+def test_bad_model_value_names_key_value_and_allowed(params, key, value, expect):
     with pytest.raises(ConfigError) as err:
-        validate_model("deep3", cfg)
+        kinds.validate_model("deep3", changed(params, "deep3", key, value))
+    message = str(err.value)
+    assert message.startswith("params.yaml: ")
+    assert "\n" not in message
     for text in expect:
-        assert text in str(err.value)
-    assert str(err.value).startswith("params.yaml: ")
+        assert text in message
+
+
+def test_a_key_of_another_kind_is_unknown(params):
+    with pytest.raises(ConfigError, match=r"models\.conv16\.encoder: \[1\] is not allowed; unkn"):
+        kinds.validate_model("conv16", changed(params, "conv16", ("encoder",), [1]))
+
+
+def test_exponent_without_dot_is_a_string_in_yaml_and_the_error_says_how_to_write_it(params):
+    # YAML 1.1 (PyYAML) reads 1e-3 as text; only 1.0e-3 is a float.
+    entry = yaml.safe_load("{name: adam, lr: 1e-3, weight_decay: 1.0e-5}")
+    assert entry["lr"] == "1e-3" and entry["weight_decay"] == 1e-5
+    with pytest.raises(ConfigError) as err:
+        kinds.validate_model("deep3", changed(params, "deep3", ("optimizer",), entry))
+    message = str(err.value)
+    assert "models.deep3.optimizer.lr: '1e-3' is not allowed" in message
+    assert "1.0e-3" in message
+
+
+@pytest.mark.parametrize("name", ["a/b", "deep 3", "deep.3", "3deep", ""])
+def test_model_name_that_cannot_be_a_folder_or_stage_is_refused(params, name):
+    with pytest.raises(ConfigError) as err:
+        kinds.validate_models({name: params["models"]["deep3"]})
+    assert f"params.yaml: models: {name!r} is not allowed as a model name" in str(err.value)
 
 
 @pytest.mark.parametrize("key", ["loss", "optimizer", "epochs", "kind"])
 def test_missing_key_is_named(params, key):
     cfg = copy.deepcopy(params["models"]["under30"])
     del cfg[key]
-    with pytest.raises(ConfigError, match=rf"models\.under30\.{key}: missing key"):
-        validate_model("under30", cfg)
+    with pytest.raises(ConfigError, match=rf"^params\.yaml: models\.under30\.{key}: missing key$"):
+        kinds.validate_model("under30", cfg)
 
 
 def test_bce_needs_sigmoid_outputs(params):
-    cfg = copy.deepcopy(params["models"]["under30"])
-    cfg["loss"] = "bce"
-    with pytest.raises(ConfigError, match="bce needs"):
-        validate_model("under30", cfg)
+    with pytest.raises(ConfigError, match=r"models\.under30: loss 'bce' needs"):
+        kinds.validate_model("under30", changed(params, "under30", ("loss",), "bce"))
 
 
-@pytest.mark.parametrize("key, value", [("device", "tpu"), ("path", "turbo"), ("limit", -1),
-                                        ("seed", "zero")])
-def test_bad_train_section(params, key, value):
-    section = dict(params["train"], **{key: value})
-    with pytest.raises(ConfigError, match=rf"train\.{key}: {value!r}"):
-        validate_train(section)
+def test_reading_one_model_names_the_missing_one_and_those_there_are(params):
+    assert kinds.read_model(params, "conv16").kind == "conv"
+    with pytest.raises(ConfigError, match=r"models\.nope: missing; models in params\.yaml: "
+                                          r"deep3, shallow128"):
+        kinds.read_model(params, "nope")
+    with pytest.raises(ConfigError, match="models: expected a non-empty mapping"):
+        kinds.read_models({"models": {}})
+
+
+def test_the_source_file_is_named(params, tmp_path):
+    path = tmp_path / "other.yaml"
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{path}: models.deep3.loss: 'l1'")):
+        kinds.validate_model("deep3", changed(params, "deep3", ("loss",), "l1"), path)
+
+
+@pytest.mark.parametrize("key, value, expect", [
+    ("device", "tpu", "allowed values: auto, cuda, mps or cpu"),
+    ("path", "turbo", "allowed values: fast or eager"),
+    ("limit", -1, "greater than or equal to 0"),
+    ("replicas", 0, "greater than or equal to 1"),
+    ("seed", "zero", "valid integer"),
+    ("typo", 1, "unknown key"),
+])
+def test_bad_train_section(params, key, value, expect):
+    section = {"train": dict(params["train"], **{key: value})}
+    with pytest.raises(ConfigError) as err:
+        config.section(section, "train", config.Train)
+    assert str(err.value).startswith(f"params.yaml: train.{key}: {value!r} is not allowed; ")
+    assert expect in str(err.value)
+
+
+def test_missing_section_and_key_are_named(params):
+    with pytest.raises(ConfigError, match=r"^params\.yaml: download: missing section$"):
+        config.section({k: v for k, v in params.items() if k != "download"}, "download",
+                        config.Download)
+    train = {k: v for k, v in params["train"].items() if k != "seed"}
+    with pytest.raises(ConfigError, match=r"^params\.yaml: train\.seed: missing key$"):
+        config.section({"train": train}, "train", config.Train)
+
+
+def test_unreadable_params_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml: file not found"):
+        load_params(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
+        load_params(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_params(tmp_path / "bad.yaml")

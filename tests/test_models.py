@@ -1,13 +1,18 @@
+"""What every built model shares: shapes, output ranges, latent sizes, pixel scales, input noise,
+checkpoints."""
+
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 
+from aebench import kinds
 from aebench.config import ConfigError, load_params
+from aebench.constants import replica_file
 from aebench.models import (
-    ConvAutoencoder,
-    build_model,
     load_checkpoint,
+    load_replicas,
     mask_noise,
     reconstruct,
     save_checkpoint,
@@ -18,46 +23,68 @@ from aebench.models import (
 ROOT = Path(__file__).resolve().parents[1]
 
 PARAMS = load_params(ROOT / "params.yaml")
-MODELS = PARAMS["models"]
+CFGS = kinds.read_models(PARAMS)
 RANGES = {"tanh": (-1, 1), "sigmoid": (0, 1), "relu": (0, float("inf"))}
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", list(CFGS))
 def test_forward_keeps_shape_and_source_output_range(name):
-    cfg = MODELS[name]
+    cfg = CFGS[name]
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    x = to_model_scale(torch.randint(0, 256, (5, 784), dtype=torch.uint8), cfg["pixels"])
+    model = cfg.make().eval()
+    x = to_model_scale(torch.randint(0, 256, (5, 784), dtype=torch.uint8), cfg.pixels)
     y = model(x)
     assert y.shape == (5, 784)
-    lo, hi = RANGES[cfg["output_activation"]]
+    lo, hi = RANGES[cfg.output_activation]
     assert y.min() >= lo and y.max() <= hi
     assert model.encode(x).shape == (5, model.latent_dim)
+    assert torch.equal(model.decode(model.encode(x)), y)
 
 
 def test_latent_sizes_follow_the_sources():
-    sizes = {name: build_model(cfg).latent_dim for name, cfg in MODELS.items()}
+    sizes = {name: cfg.build().latent_dim for name, cfg in CFGS.items()}
     assert sizes == {"deep3": 3, "shallow128": 128, "under30": 30, "over500": 500,
                      "conv16": 16 * 12 * 12, "deep32": 32, "sigmoid100": 100}
 
 
-def test_deep32_has_keras_layers():
-    model = build_model(MODELS["deep32"])
-    kinds = [type(m).__name__ for m in model.encoder]
-    assert kinds[:3] == ["Linear", "LeakyReLU", "Dropout"] and kinds[-2:] == ["Linear", "LeakyReLU"]
+def test_deep32_has_keras_layers_and_make_applies_glorot():
+    cfg = CFGS["deep32"]
+    model = cfg.make()
+    layers = [type(m).__name__ for m in model.encoder]
+    assert layers[:3] == ["Linear", "LeakyReLU", "Dropout"]
+    assert layers[-2:] == ["Linear", "LeakyReLU"]
     assert model.encoder[1].negative_slope == 0.3
     assert torch.all(model.encoder[0].bias == 0)  # Glorot init zeroes biases, as Keras does
+    assert not torch.all(cfg.build().encoder[0].bias == 0)  # build() alone keeps torch's init
 
 
-def test_conv_geometry_that_does_not_return_28x28_is_refused():
-    with pytest.raises(ConfigError, match="not 28 x 28"):
-        ConvAutoencoder(channels=[1, 4, 8, 16], kernel=3, pool=2, activation="relu",
-                        output_activation="tanh")
+def test_same_seed_builds_the_same_weights():
+    def weights(seed):
+        torch.manual_seed(seed)
+        return CFGS["deep32"].make().state_dict()
+
+    a, b, c = weights(0), weights(0), weights(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["encoder.0.weight"], c["encoder.0.weight"])
+
+
+@pytest.mark.parametrize("change, expect", [
+    ({"channels": [1, 4, 8, 16]}, "channels [1, 4, 8, 16], kernel 3, pool 2 give 30 x 30"),
+    ({"pool": 3}, "pool 3 give 30 x 30"),
+    ({"channels": [3, 16]}, "channels [3, 16] must be positive and start at 1"),
+])
+def test_conv_geometry_that_does_not_return_28x28_is_refused_naming_the_model(change, expect):
+    entry = dict(copy.deepcopy(PARAMS["models"]["conv16"]), **change)
+    with pytest.raises(ConfigError) as err:
+        kinds.validate_model("conv16", entry)
+    assert str(err.value).startswith("params.yaml: models.conv16: ")
+    assert expect in str(err.value)
 
 
 def test_pixel_scales_round_trip():
     x = torch.tensor([[0, 255, 51]], dtype=torch.uint8)
     assert torch.allclose(to_model_scale(x, "-1,1"), torch.tensor([[-1.0, 1.0, -0.6]]))
+    assert torch.allclose(to_model_scale(x, "0,1"), x / 255)
     assert torch.allclose(to_unit_scale(to_model_scale(x, "-1,1"), "-1,1"), x / 255)
     assert to_unit_scale(torch.tensor([1.2]), "-1,1").item() == pytest.approx(1.1)  # no clamping
 
@@ -72,28 +99,54 @@ def test_mask_noise_drops_about_p_and_rescales_the_rest():
 
 def test_reconstruct_is_seeded_and_on_unit_scale():
     torch.manual_seed(0)
-    model = build_model(MODELS["over500"])
+    model = CFGS["over500"].make()
     x = torch.randint(0, 256, (7, 784), dtype=torch.uint8)
     a = reconstruct(model, x, "-1,1", noise=0.5, noise_seed=3)
     b = reconstruct(model, x, "-1,1", noise=0.5, noise_seed=3)
-    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1
+    c = reconstruct(model, x, "-1,1", noise=0.5, noise_seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (7, 784) and a.min() >= 0 and a.max() <= 1
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path):
-    cfg = MODELS["under30"]
-    model = build_model(cfg)
+    cfg = CFGS["under30"]
+    torch.manual_seed(0)
+    model = cfg.make()
     path = tmp_path / "m" / "weights.pt"
-    save_checkpoint(path, model, "under30", cfg)
+    save_checkpoint(path, model, name="under30", cfg=cfg, replica=1, seed=7, device="cpu")
     raw = torch.load(path, weights_only=True)
-    assert raw["config"] == cfg and raw["name"] == "under30"
-    loaded = load_checkpoint(path, "under30", cfg)
-    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
-        assert torch.equal(a, b)
-    with pytest.raises(ValueError, match=r"weights\.pt: checkpoint config does not match.*epochs"):
-        load_checkpoint(path, "under30", dict(cfg, epochs=3))
+    assert raw["config"] == cfg.model_dump() and raw["name"] == "under30"
+    loaded, info = load_checkpoint(path, "under30", cfg)
+    assert info == {"name": "under30", "replica": 1, "seed": 7, "device": "cpu"}
+    assert not loaded.training
+    state = loaded.state_dict()
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # Nothing volatile in the file: the same model saved again gives the same bytes (DVC hash).
+    again = tmp_path / "again" / "other-name.pt"
+    save_checkpoint(again, model, name="under30", cfg=cfg, replica=1, seed=7, device="cpu")
+    assert again.read_bytes() == path.read_bytes()
+    other = cfg.model_copy(update={"epochs": 3})
+    with pytest.raises(ValueError, match=r"weights\.pt: checkpoint config does not match params"
+                                         r"\.yaml models\.under30 \(differs in: epochs\)"):
+        load_checkpoint(path, "under30", other)
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"weights\.pt: not a valid aebench checkpoint"):
         load_checkpoint(path, "under30", cfg)
-    with pytest.raises(FileNotFoundError, match="'nope'"):
+    with pytest.raises(FileNotFoundError, match=r"'nope'.*dvc repro train@nope"):
         load_checkpoint(tmp_path / "nope" / "weights.pt", "nope")
     assert [p.name for p in path.parent.iterdir()] == ["weights.pt"]  # no temporary files left
+
+
+def test_load_replicas_reads_every_replica_and_names_a_model_never_trained(tmp_path):
+    cfg = CFGS["under30"]
+    for r in range(2):
+        torch.manual_seed(r)
+        save_checkpoint(tmp_path / "under30" / replica_file(r), cfg.make(), name="under30",
+                        cfg=cfg, replica=r, seed=r, device="cpu")
+    loaded = load_replicas(tmp_path, "under30", cfg, 2)
+    assert [info["replica"] for _, info in loaded] == [0, 1]
+    with pytest.raises(FileNotFoundError, match=r"r2\.pt: no weights for model 'under30'"):
+        load_replicas(tmp_path, "under30", cfg, 3)
+    with pytest.raises(FileNotFoundError, match=r"deep3: missing; model 'deep3' has not been"):
+        load_replicas(tmp_path, "deep3", CFGS["deep3"], 1)
