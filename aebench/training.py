@@ -5,7 +5,8 @@
 loss there (no host sync inside an epoch), uses the foreach optimizer, and on CUDA captures the
 whole training step (noise, forward, backward, optimizer) as one CUDA graph that each batch
 replays. The models are tiny, so time goes to Python and kernel launches, not arithmetic.
-Both paths draw the same shuffles from the same seed and compute the same step.
+On the CPU both paths draw the same shuffles from the same seed and compute the same step; on
+CUDA the fast path shuffles (and draws noise and dropout) with the device's generator.
 """
 
 from __future__ import annotations
@@ -164,8 +165,13 @@ def train(model: nn.Module, cfg: ModelConfig, train_x: torch.Tensor, test_x: tor
     if device.type == "cpu":
         # Weights and Adam moments drift into subnormal floats after a few epochs; x86 CPUs
         # handle those in microcode, and deep3's epochs went from 1.2 s to 8-21 s. Flushing them
-        # to zero changes nothing at float32 precision that matters.
+        # to zero changes nothing at float32 precision that matters. (It stays on for the rest
+        # of the process.)
         torch.set_flush_denormal(True)
+        # One thread: the same bits on any number of cores (a matmul split over threads sums in
+        # another order), and no spinning threads fighting when stages run side by side
+        # (`dvc queue start -j N`). These models are too small to gain from more.
+        torch.set_num_threads(1)
     model.to(device).train()
     # The fast path converts once and keeps everything on the device; eager moves each batch.
     data = to_model_scale(train_x.to(device), pixels) if fast else to_model_scale(train_x, pixels)
