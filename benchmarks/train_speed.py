@@ -33,8 +33,7 @@ from torchvision import transforms
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aebench import config, data, models, training  # noqa: E402
-from aebench.metrics import source_loss  # noqa: E402
+from aebench import config, data, kinds, models, training  # noqa: E402
 
 
 class SeedStyleMNIST(Dataset):
@@ -54,19 +53,18 @@ class SeedStyleMNIST(Dataset):
 def seed_style_train(model, cfg, train_pixels, device, seed):
     """The tutorials' loop, with their per-image conversion; returns seconds."""
     steps = [transforms.ToTensor()]
-    if cfg["pixels"] == "-1,1":
+    if cfg.pixels == "-1,1":
         steps.append(transforms.Normalize((0.5,), (0.5,)))
     torch.manual_seed(seed)
     loader = DataLoader(SeedStyleMNIST(train_pixels, transforms.Compose(steps)),
-                        batch_size=cfg["batch_size"], shuffle=True)
+                        batch_size=cfg.batch_size, shuffle=True)
     optimizer = training.make_optimizer(model.parameters(), cfg, fast=False)
     model.to(device).train()
     start = time.perf_counter()
-    for _ in range(cfg["epochs"]):
+    for _ in range(cfg.epochs):
         for img, _ in loader:
             img = img.view(img.size(0), -1).to(device)
-            output = model(models.mask_noise(img, cfg["input_noise"]))
-            loss = source_loss(output, img, cfg["loss"])
+            loss = cfg.training_loss(model, models.mask_noise(img, cfg.input_noise), img)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -78,21 +76,21 @@ def seed_style_train(model, cfg, train_pixels, device, seed):
 
 def benchmark_model(name, cfg, train_pixels, test_x, device, seed, path):
     torch.manual_seed(seed)
-    seed_model = models.build_model(cfg)
+    seed_model = cfg.make()
     seed_seconds = seed_style_train(seed_model, cfg, train_pixels, device, seed)
-    seed_mse = training.test_mse(seed_model, models.to_model_scale(test_x.to(device),
-                                                                    cfg["pixels"]),
-                                 cfg["pixels"]).item()
+    seed_mse = training.test_mse(seed_model, models.to_model_scale(test_x.to(device), cfg.pixels),
+                                 cfg.pixels).item()
     torch.manual_seed(seed)
-    ours = models.build_model(cfg)
+    ours = cfg.make()
     # One warm-up epoch first: CUDA graph capture and allocator warm-up are one-off costs.
     if device.type == "cuda":
-        training.train(models.build_model(cfg), dict(cfg, epochs=1), torch.from_numpy(train_pixels),
-                       test_x, device=device, seed=seed, path=path, progress=False)
+        training.train(cfg.make(), cfg.model_copy(update={"epochs": 1}),
+                       torch.from_numpy(train_pixels), test_x, device=device, seed=seed,
+                       path=path, progress=False)
     history = training.train(ours, cfg, torch.from_numpy(train_pixels), test_x, device=device,
                              seed=seed, path=path, name=name, progress=False)
-    epochs = cfg["epochs"]
-    return {"model": name, "epochs": epochs, "batch_size": cfg["batch_size"],
+    epochs = cfg.epochs
+    return {"model": name, "epochs": epochs, "batch_size": cfg.batch_size,
             "seed_style_s_per_epoch": seed_seconds / epochs,
             "ours_s_per_epoch": history.seconds / epochs,
             "speedup": seed_seconds / history.seconds, "path": history.path,
@@ -133,9 +131,11 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     device = training.pick_device(args.device)
-    # The project's training flushes subnormal floats on the CPU (see aebench/training.py); do
-    # the same for the seed-style loop, so the table compares loops, not float handling.
+    # The project's training flushes subnormal floats and uses one thread on the CPU (see
+    # aebench/training.py); do the same for the seed-style loop, so the table compares loops.
     torch.set_flush_denormal(True)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     info = {"device": str(device), "device_name": name, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
@@ -149,7 +149,8 @@ def main(argv=None):
         print(f"{'total':22s} {result['total_seconds']:7.1f} s")
     else:
         params = config.load_params(ROOT / "params.yaml")
-        seed = params["train"]["seed"]
+        seed = config.section(params, "train", config.Train).seed
+        cfgs = kinds.read_models(params)
         chosen = args.models.split(",") if args.models else list(params["models"])
         _, train_pixels = data.read_mnist_csv(args.csv_dir / "mnist_train.csv")
         _, test_pixels = data.read_mnist_csv(args.csv_dir / "mnist_test.csv")
@@ -159,8 +160,7 @@ def main(argv=None):
               flush=True)
         rows = []
         for model_name in chosen:
-            cfg = config.validate_model(model_name, params["models"][model_name])
-            cfg = dict(cfg, epochs=args.epochs)
+            cfg = cfgs[model_name].model_copy(update={"epochs": args.epochs})
             r = benchmark_model(model_name, cfg, train_pixels, test_x, device, seed, args.path)
             rows.append(r)
             print(f"| {model_name} | {r['epochs']} | {r['batch_size']} | "
