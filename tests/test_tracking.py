@@ -19,28 +19,12 @@ from torch import nn
 
 from aebench import cli, tracking
 
-# The README's "Reusing a trained model" snippet, run as is by test_readme_snippet.
-README_SNIPPET = """
-import mlflow
-import pandas as pd
-import torch
 
-mlflow.set_tracking_uri("sqlite:///mlflow.db")
-mlflow.set_experiment("aebench")
-[logged] = mlflow.search_logged_models(           # the newest model of replica 0 of deep3
-    filter_string="name = 'deep3-r0'", max_results=1, output_format="list",
-    order_by=[{"field_name": "creation_time", "ascending": False}])
-model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")   # the nn.Module itself
-pixels = mlflow.models.get_model_info(f"models:/{logged.model_id}").metadata["pixels"]
-
-images = pd.read_csv("data/csv/mnist_test.csv", nrows=16).drop(columns="label")
-x = torch.tensor(images.to_numpy(), dtype=torch.float32) / 255   # [0,1]
-if pixels == "-1,1":
-    x = x * 2 - 1
-with torch.no_grad():
-    codes = model.encode(x)                  # [16, model.latent_dim]
-    reconstructions = model.decode(codes)    # [16, 784], on the model's pixel scale
-"""
+def readme_snippet() -> str:
+    """The first Python block of README.md's "Reusing a trained model" section, as written."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Reusing a trained model", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 class TinyAE(nn.Module):
@@ -344,7 +328,7 @@ def test_readme_snippet(store, trained, mnist_csv, monkeypatch):
     shutil.copytree(mnist_csv, folder / "data" / "csv", dirs_exist_ok=True)
     monkeypatch.chdir(folder)
     scope: dict = {}
-    exec(README_SNIPPET, scope)
+    exec(readme_snippet(), scope)
     assert scope["pixels"] == "-1,1"
     assert scope["codes"].shape == (16, 3) and scope["reconstructions"].shape == (16, 784)
     with torch.no_grad():
