@@ -1,13 +1,21 @@
-"""Shared test helpers: small MNIST-format IDX files, written by the tests themselves.
+"""Shared test helpers: small MNIST-format IDX files, written by the tests themselves, and one
+tiny trained and evaluated project for the stage tests (see "a trained project" below).
 
     from conftest import write_idx, write_idx_set   # plain functions, usable from any test
     def test_x(mnist_raw, mnist_csv): ...            # fixtures: a raw IDX folder / a CSV folder
+    def test_y(project, project_copy): ...           # the session's project / a copy to change
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +84,149 @@ def mnist_csv(mnist_raw: Path) -> Path:
 
     convert(mnist_raw, mnist_raw.parent / "csv")
     return mnist_raw.parent / "csv"
+
+
+# --------------------------------------------------------------------------- a trained project
+#
+# Stage subprocesses (3-5 s of imports each) and MLflow sqlite stores (2-7 s each) are what make
+# stage tests slow, so the stage tests share ONE project, built once per session by calling the
+# stages' main() in-process: two tiny models (an mlp and a denoising conv) with two replicas
+# each, trained, then evaluated, with one MLflow store (in memory: see store_folder). Tests that
+# change files work on a copy (`project_copy`); the store stays shared.
+#
+#     from conftest import run_stage, dvc_args          # plain functions
+#     def test_x(project): ...                           # the session's project (read only)
+#     def test_y(project_copy): ...                      # a copy of it, the cwd; MLflow set
+#     def test_z(mlflow_client): ...                     # a client of the session's store
+
+REPO = Path(__file__).resolve().parents[1]
+N_TRAIN, N_TEST = 60, 40
+TRAIN_LIMIT = 50  # below N_TRAIN: the train stage must honour train.limit
+TINY_COMMON = {"init": "torch", "optimizer": {"name": "adam", "lr": 0.001, "weight_decay": 0.0},
+               "batch_size": 16, "epochs": 2}
+TINY_MODELS = {
+    # deep3: the name figures.image_7777 draws; [-1,1] pixels, so test_loss is its own metric
+    "deep3": {"kind": "mlp", "encoder": [784, 16, 3], "decoder": [3, 16, 784],
+              "activation": "relu", "code_activation": "none", "output_activation": "tanh",
+              "dropout": 0.0, "pixels": "-1,1", "input_noise": 0.0, "loss": "mse",
+              **TINY_COMMON},
+    # a code of 8 x 12 x 12 = 1152 >= 784 (PCA exact), trained on masked inputs; mse on [0,1]
+    # pixels is the common metric itself, so its headline has no test_loss
+    "convnoisy": {"kind": "conv", "channels": [1, 2, 8], "kernel": 3, "pool": 2,
+                  "activation": "relu", "output_activation": "sigmoid", "pixels": "0,1",
+                  "input_noise": 0.5, "loss": "mse", **TINY_COMMON},
+}
+TINY_PARAMS = {
+    "train": {"seed": 0, "replicas": 2, "device": "cpu", "path": "fast", "limit": TRAIN_LIMIT},
+    "evaluate": {"noise_seed": 1234},
+    "models": TINY_MODELS,
+}
+STALE_MODEL = "old"  # a model removed from params.yaml whose weights folder is still there
+
+
+def dvc_args(stage: str, key: str | None = None) -> list[str]:
+    """The arguments dvc.yaml gives `stages.<stage>` (train: for model `key`), so tests run the
+    stages on exactly the paths the pipeline uses."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+    cmd = spec["do"]["cmd"] if "do" in spec else spec["cmd"]
+    if key is not None:
+        cmd = cmd.replace("${key}", key)
+    words = cmd.split()
+    assert words[:3] == ["python", "-m", f"stages.{stage}"], cmd
+    return words[3:]
+
+
+def run_stage(stage: str, *argv: str | Path, key: str | None = None) -> None:
+    """`python -m stages.<stage> ARGS` in-process (no interpreter start): main() with the
+    arguments parsed by the stage's own USAGE; the dvc.yaml arguments when none are given."""
+    import importlib
+
+    from aebench import cli
+
+    module = importlib.import_module(f"stages.{stage}")
+    args = [str(a) for a in argv] or dvc_args(stage, key)
+    module.main(cli.parse(module.USAGE, args))
+
+
+def write_pca_curve(path: str | Path) -> None:
+    """A made-up PCA curve (k = 0..784, falling to exactly 0): the pca stage needs more than 784
+    training images to be quick, and nothing here tests PCA itself."""
+    from aebench.files import write_csv_rows
+
+    write_csv_rows(path, [{"components": k, "test_mse": 0.06 * (1 - k / 784) ** 3}
+                          for k in range(785)])
+
+
+@contextmanager
+def store_folder() -> Iterator[Path]:
+    """A temporary folder for an MLflow sqlite store, in memory (/dev/shm) where there is one:
+    creating a store runs some 300 statements, each synced to disk (7 s on this machine's disk,
+    1.7 s in memory), and every later run and metric is a synced write too."""
+    shm = Path("/dev/shm")
+    where = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="aebench-test-mlflow-", dir=where) as folder:
+        yield Path(folder)
+
+
+@dataclass(frozen=True)
+class Project:
+    root: Path          # params.yaml, data/, plots/, metrics/, reports/ as the pipeline has them
+    tracking_uri: str   # the one MLflow store of the session (outside root)
+
+    def copy(self, dest: Path) -> Path:
+        shutil.copytree(self.root, dest)
+        return dest
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Iterator[Project]:
+    """The project trained and evaluated, its MLflow store in memory (gone after the session)."""
+    with store_folder() as store:
+        yield build_project(tmp_path_factory.mktemp("project"), f"sqlite:///{store}/mlflow.db")
+
+
+def build_project(root: Path, uri: str) -> Project:
+    """Into `root`: train (2 models x 2 replicas, 2 epochs, 50 of 60 images) and evaluate, by
+    the stages' main() with the arguments of dvc.yaml; MLflow runs go to `uri`."""
+    import yaml
+
+    from aebench.data import write_mnist_csv
+
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    for i, (split, n) in enumerate((("train", N_TRAIN), ("test", N_TEST))):
+        labels, images = make_split(n, seed=i)
+        write_mnist_csv(root / "data" / "csv" / f"mnist_{split}.csv", labels, images)
+    write_pca_curve(root / "plots" / "pca_curve.csv")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(root)
+        for name in TINY_MODELS:
+            run_stage("train", key=name)
+        # A model trained once and since removed from params.yaml: nothing may read it.
+        shutil.copytree(root / "data/models/deep3", root / "data/models" / STALE_MODEL)
+        shutil.copy(root / "plots/curves/deep3.csv", root / f"plots/curves/{STALE_MODEL}.csv")
+        run_stage("evaluate")
+    return Project(root, uri)
+
+
+@pytest.fixture
+def mlflow_client(project: Project, monkeypatch):
+    """A client of the session's store, which is also MLflow's current store during the test
+    (aebench.tracking's functions use that one)."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", project.tracking_uri)
+    mlflow.set_tracking_uri(project.tracking_uri)  # the stages set it the same way (open_store)
+    return mlflow.MlflowClient(project.tracking_uri)
+
+
+@pytest.fixture
+def project_copy(project: Project, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of the session's project to change at will: the cwd, with MLflow on the shared
+    store."""
+    root = project.copy(tmp_path / "project")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", project.tracking_uri)
+    return root

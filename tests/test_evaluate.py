@@ -1,4 +1,5 @@
-"""The evaluate stage, in-process in a temporary folder, on tiny random models and data."""
+"""The evaluate stage, on the session's project (conftest): two tiny trained models, two
+replicas each, evaluated in-process; its error cases on copies, one of them as a subprocess."""
 
 from __future__ import annotations
 
@@ -6,133 +7,151 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
+from conftest import REPO, STALE_MODEL, TINY_MODELS, dvc_args, run_stage
 
-from aebench import data, models, tracking
-from stages import evaluate
+from aebench import files, kinds, models
 
-REPO = Path(__file__).resolve().parents[1]
-ARGS = ["csv", "data/models", "metrics/models.json"]
+DIGITS = {str(d) for d in range(10)}
 
 
-def cfg(kind="mlp", noise=0.0):
-    base = {"kind": kind, "pixels": "-1,1", "input_noise": noise, "init": "torch",
-            "optimizer": {"name": "adam", "lr": 0.001, "weight_decay": 0.0}, "loss": "mse",
-            "batch_size": 8, "epochs": 1, "activation": "relu", "output_activation": "tanh"}
-    if kind == "mlp":
-        return {**base, "encoder": [784, 8], "decoder": [8, 784], "code_activation": "none",
-                "dropout": 0.0}
-    return {**base, "channels": [1, 2, 2], "kernel": 3, "pool": 2}
+def read(project, path):
+    return json.loads((project.root / path).read_text())
 
 
-MODELS = {"small": cfg(), "noisy": cfg("conv", noise=0.5)}
+def test_headline_is_mean_std_and_n_per_model(project):
+    headline = read(project, "metrics/models.json")
+    details = read(project, "reports/details.json")
+    assert list(headline) == list(TINY_MODELS)  # params order; the stale folder is no model
+    for name, h in headline.items():
+        assert h["n"] == 2
+        mses = [r["mse"] for r in details[name]["replicas"]]
+        assert h["mse"]["mean"] == pytest.approx(np.mean(mses), rel=1e-5)
+        # (the replicas' mse in the file have 6 digits: their difference fewer)
+        assert h["mse"]["std"] == pytest.approx(np.std(mses, ddof=1), rel=1e-3)
+        assert 0 < h["mse"]["std"] < h["mse"]["mean"]  # two seeds, two different models
+        assert h["sse_per_image"]["mean"] == pytest.approx(784 * h["mse"]["mean"], rel=1e-5)
+    # deep3 trains on [-1,1] pixels: its loss is its own number; convnoisy's mse on [0,1] is
+    # the common metric itself, so the headline does not repeat it
+    assert set(headline["deep3"]) == {"mse", "sse_per_image", "test_loss", "n"}
+    assert set(headline["convnoisy"]) == {"mse", "sse_per_image", "n"}
+    assert headline["deep3"]["test_loss"]["mean"] == \
+        pytest.approx(4 * headline["deep3"]["mse"]["mean"], rel=1e-4)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One MLflow store with a run per model (creating a sqlite store takes seconds)."""
-    import mlflow
-
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        experiment = tracking.open_store()
-        run_ids = {}
-        for name in MODELS:
-            with mlflow.start_run(experiment_id=experiment, run_name=name) as run:
-                run_ids[name] = run.info.run_id
-    return uri, run_ids
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch, store):
-    """params.yaml, csv/mnist_test.csv and data/models/<name>/{weights.pt,run.json}; cwd there."""
-    uri, run_ids = store
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    (tmp_path / "params.yaml").write_text(
-        yaml.safe_dump({"evaluate": {"noise_seed": 7}, "models": MODELS}, sort_keys=False))
-    rng = np.random.default_rng(0)
-    data.write_mnist_csv(tmp_path / "csv" / "mnist_test.csv",
-                         rng.integers(0, 10, 30, dtype=np.uint8),
-                         rng.integers(0, 256, (30, 784), dtype=np.uint8))
-    for name, c in MODELS.items():
-        torch.manual_seed(0)
-        model_dir = tmp_path / "data" / "models" / name
-        models.save_checkpoint(model_dir / "weights.pt", models.build_model(c), name, c)
-        tracking.write_run_info(model_dir, {"run_id": run_ids[name], "device": "cpu",
-                                            "train_seconds": 12.5, "samples_per_second": 4800.0})
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+def test_details_have_every_replica_per_digit_and_pca(project):
+    details = read(project, "reports/details.json")
+    assert list(details) == list(TINY_MODELS)
+    curve = files.read_columns(project.root / "plots/pca_curve.csv", ("components", "test_mse"))
+    for name, d in details.items():
+        cfg = kinds.validate_model(name, TINY_MODELS[name])
+        model = cfg.build()
+        assert d["kind"] == cfg.kind and d["loss"] == "mse" and d["device"] == "cpu"
+        assert d["latent_dim"] == model.latent_dim
+        assert d["params"] == sum(p.numel() for p in model.parameters())
+        assert [r["seed"] for r in d["replicas"]] == [0, 1]  # train.seed + replica
+        for r in d["replicas"]:
+            assert set(r["mse_per_digit"]) == DIGITS  # 40 test images, labels cycling 0..9
+            assert np.mean(list(r["mse_per_digit"].values())) == pytest.approx(r["mse"],
+                                                                              rel=1e-4)
+        assert d["mean"]["mse"] == pytest.approx(np.mean([r["mse"] for r in d["replicas"]]),
+                                                 rel=1e-5)
+        k = min(model.latent_dim, 784)
+        assert d["pca"] == {"k": k, "mse": pytest.approx(curve["test_mse"][k], rel=1e-5)}
+    assert details["convnoisy"]["pca"]["k"] == 784  # a code of 1152: full-rank PCA
+    noisy = details["convnoisy"]["replicas"][0]
+    assert noisy["noisy_input_mse"] > noisy["denoise_mse"] > 0
+    assert "denoise_mse" not in details["deep3"]["replicas"][0]
 
 
-def test_evaluate_writes_metrics_and_logs_to_mlflow(workdir, store):
-    import mlflow
-
-    assert evaluate.main(ARGS) == 0
-    out = workdir / "metrics" / "models.json"
-    result = json.loads(out.read_text())
-    assert list(result) == ["small", "noisy"]  # params order
-    assert "denoise_mse" not in result["small"]
-    assert {"denoise_mse", "noisy_input_mse"} <= set(result["noisy"])
-    assert result["noisy"]["latent_dim"] == 2 * 12 * 12
-    assert result["small"]["train_seconds"] == 12.5 and result["small"]["device"] == "cpu"
-    assert result["small"]["test_loss"] == pytest.approx(4 * result["small"]["mse"], rel=1e-5)
-    first = out.read_bytes()
-    assert evaluate.main(ARGS) == 0
-    assert out.read_bytes() == first  # same weights, byte-identical file
-
-    run = mlflow.MlflowClient().get_run(store[1]["noisy"])
-    logged = run.data.metrics
-    assert logged["test_mse"] == pytest.approx(result["noisy"]["mse"], rel=1e-5)
-    assert {"test_mse_digit_3", "test_denoise_mse", "test_loss", "n_params"} <= set(logged)
+def test_pca_json_has_only_latent_sizes_below_784(project):
+    pca = read(project, "metrics/pca.json")
+    assert list(pca) == ["pca3"]  # deep3's code; convnoisy's 1152 gets exact PCA, left out
+    curve = files.read_columns(project.root / "plots/pca_curve.csv", ("components", "test_mse"))
+    assert pca["pca3"] == {"mse": pytest.approx(curve["test_mse"][3], rel=1e-5),
+                           "sse_per_image": pytest.approx(784 * curve["test_mse"][3], rel=1e-5)}
 
 
-def test_missing_model_names_the_model(workdir):
-    (workdir / "data/models/noisy/weights.pt").unlink()
-    (workdir / "data/models/noisy/run.json").unlink()
-    (workdir / "data/models/noisy").rmdir()
-    with pytest.raises(FileNotFoundError, match="model 'noisy'"):
-        evaluate.main(ARGS)
+def test_metrics_reach_mlflow_attached_to_the_logged_models(project, mlflow_client):
+    details = read(project, "reports/details.json")
+    client = mlflow_client
+    experiment = client.get_experiment_by_name("aebench").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.stage = 'evaluate' AND "
+                                   "attributes.run_name = 'evaluate'")
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {run.info.run_name: run for run in children}
+    assert set(by_name) == {f"{n}-r{i}-eval" for n in TINY_MODELS for i in range(2)}
+    for name in TINY_MODELS:
+        for i in range(2):
+            run = by_name[f"{name}-r{i}-eval"]
+            assert run.data.metrics["test_mse"] == \
+                pytest.approx(details[name]["replicas"][i]["mse"], rel=1e-5)
+            assert "test_mse_digit_3" in run.data.metrics
+            # found by the sha256 of the checkpoint that evaluate read: the replica's model
+            model = client.get_logged_model(run.data.tags["model_id"])
+            assert model.tags["weights_sha256"] == run.data.tags["weights_sha256"]
+            assert model.tags["model"] == name and model.tags["replica"] == str(i)
+    assert "test_denoise_mse" in by_name["convnoisy-r0-eval"].data.metrics
 
 
-def test_missing_weights_file_names_the_model(workdir):
-    (workdir / "data/models/small/weights.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="model 'small'"):
-        evaluate.main(ARGS)
+def test_same_weights_give_byte_identical_files(project, project_copy):
+    # the weights of a model no longer in params.yaml are not read, let alone evaluated
+    (project_copy / "data/models" / STALE_MODEL / "r0.pt").write_bytes(b"garbage")
+    run_stage("evaluate")  # the arguments of dvc.yaml
+    for path in ("metrics/models.json", "metrics/pca.json", "reports/details.json"):
+        assert (project_copy / path).read_bytes() == (project.root / path).read_bytes(), path
+    assert STALE_MODEL not in (project_copy / "reports/details.json").read_text()
+    assert not list(project_copy.rglob("*.tmp"))
 
 
-def test_garbage_weights_name_the_file(workdir):
-    (workdir / "data/models/small/weights.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="data/models/small/weights.pt"):
-        evaluate.main(ARGS)
+def test_missing_replica_names_the_file(project_copy):
+    (project_copy / "data/models/convnoisy/r1.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"data/models/convnoisy/r1.pt: no weights for "
+                                                r"model 'convnoisy'"):
+        run_stage("evaluate")
 
 
-def test_checkpoint_of_other_config_names_the_file(workdir):
-    other = {**MODELS["small"], "encoder": [784, 4], "decoder": [4, 784]}
-    models.save_checkpoint(workdir / "data/models/small/weights.pt",
-                           models.build_model(other), "small", other)
-    with pytest.raises(ValueError, match=r"data/models/small/weights.pt.*decoder, encoder"):
-        evaluate.main(ARGS)
+def test_garbage_weights_name_the_file(project_copy):
+    (project_copy / "data/models/deep3/r0.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="data/models/deep3/r0.pt: not a valid"):
+        run_stage("evaluate")
 
 
-def test_run_missing_from_store_is_a_warning(workdir, capsys):
-    tracking.write_run_info(workdir / "data/models/small", {"run_id": "0" * 32, "device": "cpu"})
-    assert evaluate.main(ARGS) == 0
-    assert "warning: small: test metrics not logged" in capsys.readouterr().err
-    result = json.loads((workdir / "metrics/models.json").read_text())
-    assert result["small"]["train_seconds"] is None
+def test_checkpoint_of_other_config_names_the_file_and_keys(project_copy):
+    other = kinds.validate_model("deep3", {**TINY_MODELS["deep3"], "encoder": [784, 16, 4],
+                                           "decoder": [4, 16, 784]})
+    models.save_checkpoint(project_copy / "data/models/deep3/r0.pt", other.make(), name="deep3",
+                           cfg=other, replica=0, seed=0, device="cpu")
+    with pytest.raises(ValueError, match=r"data/models/deep3/r0.pt.*decoder, encoder"):
+        run_stage("evaluate")
 
 
-def test_cli_error_is_one_line_and_exit_1(workdir):
-    (workdir / "data/models/small/weights.pt").write_bytes(b"garbage")
+def test_failure_leaves_the_outputs_untouched(project, project_copy):
+    state = torch.load(project_copy / "data/models/deep3/r1.pt", weights_only=True)
+    state["state_dict"] = {k: v[..., :1] for k, v in state["state_dict"].items()}  # wrong shapes
+    torch.save(state, project_copy / "data/models/deep3/r1.pt")
+    with pytest.raises(ValueError, match="data/models/deep3/r1.pt: weights do not fit"):
+        run_stage("evaluate")
+    for path in ("metrics/models.json", "metrics/pca.json", "reports/details.json"):
+        assert (project_copy / path).read_bytes() == (project.root / path).read_bytes(), path
+
+
+def test_cli_missing_model_folder_is_one_line_and_exit_1(project_copy):
+    # The one real `python -m stages.evaluate` of the suite: exit code and stderr are the point.
+    os.rename(project_copy / "data/models/deep3", project_copy / "data/models/gone")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "stages.evaluate", *ARGS], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=120)
+    env.pop("AEBENCH_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "stages.evaluate", *dvc_args("evaluate")],
+                          cwd=project_copy, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr.startswith("error: data/models/small/weights.pt: not a valid")
-    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["error: data/models/deep3: missing; model 'deep3' has not been trained "
+                     "(run `dvc repro train@deep3`)"], proc.stderr
+    assert len(json.loads((project_copy / "reports/details.json").read_text())["deep3"]
+               ["replicas"]) == 2  # the last good outputs stay
+

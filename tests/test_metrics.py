@@ -1,19 +1,17 @@
-"""aebench.metrics against hand-computed values, and the pca stage on small generated data."""
+"""aebench.metrics and aebench.pca against hand-computed values, and the pca stage."""
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
-import yaml
+from conftest import run_stage
 from torch import nn
 
-from aebench import data, metrics
-from aebench.models import build_model
+from aebench import data, files, kinds, metrics, pca
 
 # --------------------------------------------------------------------------- reconstruction
 
@@ -54,12 +52,38 @@ def test_psnr_and_per_digit_omits_absent_digits():
 
 
 def test_rounded_and_flat_metrics():
-    assert metrics.rounded({"a": [1 / 3, 2], "b": math.inf, "c": "cpu"}) == \
+    assert files.rounded({"a": [1 / 3, 2], "b": math.inf, "c": "cpu"}) == \
         {"a": [0.333333, 2], "b": None, "c": "cpu"}
-    flat = metrics.flat_metrics({"mse": 0.5, "mse_per_digit": {"3": 0.1}, "test_loss": 2.0,
-                                 "loss": "mse", "psnr": None, "params": 10, "latent_dim": 3,
-                                 "train_seconds": 1.0, "device": "cpu"})
-    assert flat == {"test_mse": 0.5, "test_mse_digit_3": 0.1, "test_loss": 2.0}
+    flat = metrics.flat({"mse": 0.5, "mse_per_digit": {"3": 0.1}, "test_loss": 2.0,
+                         "psnr": math.inf, "denoise_mse": 0.2})
+    assert flat == {"test_mse": 0.5, "test_mse_digit_3": 0.1, "test_loss": 2.0,
+                    "test_denoise_mse": 0.2}
+
+
+# --------------------------------------------------------------------------- replica statistics
+
+
+def test_headline_is_mean_std_and_n_without_test_loss_when_it_is_mse():
+    replicas = [{"seed": 0, "mse": 0.1, "sse_per_image": 78.4, "test_loss": 0.4},
+                {"seed": 1, "mse": 0.2, "sse_per_image": 156.8, "test_loss": 0.8},
+                {"seed": 2, "mse": 0.3, "sse_per_image": 235.2, "test_loss": 1.2}]
+    h = metrics.headline(replicas, cfg(pixels="-1,1"))
+    assert list(h) == ["mse", "sse_per_image", "test_loss", "n"] and h["n"] == 3
+    assert h["mse"] == pytest.approx({"mean": 0.2, "std": 0.1})  # sample std (ddof 1)
+    assert h["test_loss"]["mean"] == pytest.approx(0.8)
+    assert "test_loss" not in metrics.headline(replicas, cfg(pixels="0,1", loss="mse"))
+    assert "test_loss" in metrics.headline(replicas, cfg(pixels="0,1", loss="half_mse"))
+    one = metrics.headline(replicas[:1], cfg())
+    assert one["n"] == 1 and one["mse"] == {"mean": 0.1, "std": 0.0}  # no NaN for one replica
+
+
+def test_averaged_over_replicas_per_digit_too():
+    replicas = [{"seed": 0, "mse": 0.1, "mse_per_digit": {"3": 0.2, "7": 0.0}},
+                {"seed": 1, "mse": 0.3, "mse_per_digit": {"3": 0.4, "7": 0.1}}]
+    mean = metrics.averaged(replicas)
+    assert set(mean) == {"mse", "mse_per_digit"}  # the seed is no metric
+    assert mean["mse"] == pytest.approx(0.2)
+    assert mean["mse_per_digit"] == pytest.approx({"3": 0.3, "7": 0.05})
 
 
 # --------------------------------------------------------------------------- PCA
@@ -74,18 +98,21 @@ def structured(n, d=20, rank=5, seed=0):
 
 
 def test_pca_full_rank_reconstructs_exactly():
-    # More images than pixels keeps the covariance full rank: LAPACK's eigh takes seconds on
-    # the hundreds of zero eigenvalues of a rank-deficient one.
-    x = torch.rand(1000, 784, generator=torch.Generator().manual_seed(0))
-    mean, comps = metrics.fit_pca(x, chunk=300)  # chunked accumulation too
-    assert comps.shape == (784, 784)
-    assert (metrics.pca_reconstruct(x, mean, comps, 784) - x).abs().max() < 1e-10
-    assert metrics.mse_by_components(x, mean, comps)[-1] < 1e-10
+    # 20 pixels, not 784: one eigendecomposition of 784 x 784 (in test_pca_stage) is enough
+    # for the suite, and it can take seconds on a busy CPU.
+    x = structured(1000, seed=3)
+    mean, comps = pca.fit_pca(x, chunk=300)  # chunked accumulation too
+    assert comps.shape == (20, 20)
+    whole_mean, whole_comps = pca.fit_pca(x, chunk=1000)
+    assert torch.allclose(mean, whole_mean, atol=1e-14)
+    assert torch.allclose(comps, whole_comps, atol=1e-8)  # signs fixed: the same, not flipped
+    assert (pca.pca_reconstruct(x, mean, comps, 20) - x).abs().max() < 1e-10
+    assert pca.mse_by_components(x, mean, comps)[-1] < 1e-10
 
 
 def test_pca_components_orthonormal_and_sorted():
     train = structured(500)
-    mean, comps = metrics.fit_pca(train)
+    mean, comps = pca.fit_pca(train)
     assert torch.allclose(comps @ comps.T, torch.eye(20, dtype=torch.float64), atol=1e-10)
     variance = ((train - mean) @ comps.T).var(dim=0)
     assert (variance[:-1] >= variance[1:]).all()
@@ -94,14 +121,32 @@ def test_pca_components_orthonormal_and_sorted():
 
 def test_pca_mse_strictly_falls_and_curve_matches_reconstruction():
     train, test = structured(500, seed=1), structured(200, seed=2)
-    mean, comps = metrics.fit_pca(train)
-    curve = metrics.mse_by_components(test, mean, comps)
+    mean, comps = pca.fit_pca(train)
+    curve = pca.mse_by_components(test, mean, comps)
     assert curve.shape == (21,)
     assert (curve[1:] < curve[:-1]).all()
     assert curve[0] == pytest.approx(float(((test - mean) ** 2).mean()), rel=1e-12)
     for k in (0, 1, 5, 13, 20):
-        direct = metrics.mse(metrics.pca_reconstruct(test, mean, comps, k), test)
+        direct = metrics.mse(pca.pca_reconstruct(test, mean, comps, k), test)
         assert float(curve[k]) == pytest.approx(direct, rel=1e-9, abs=1e-15)
+
+
+CURVE = {"components": np.arange(785.0), "test_mse": np.linspace(0.06, 0.0, 785)}
+
+
+def test_pca_at_caps_the_latent_size_at_784():
+    assert pca.pca_at(CURVE, 8) == {"k": 8, "mse": pytest.approx(CURVE["test_mse"][8])}
+    assert pca.pca_at(CURVE, 1152) == {"k": 784, "mse": 0.0}
+    with pytest.raises(ValueError, match="no row for 30 components"):
+        pca.pca_at({"components": np.arange(10.0), "test_mse": np.zeros(10)}, 30)
+
+
+def test_pca_headline_has_only_latent_sizes_below_784():
+    # at 784 and above PCA is exact (mse 0): nothing for a reviewer to diff
+    result = pca.headline(CURVE, [288, 8, 784, 1000, 8])
+    assert list(result) == ["pca8", "pca288"]  # sorted, each once
+    assert result["pca8"]["mse"] == pytest.approx(CURVE["test_mse"][8])
+    assert result["pca8"]["sse_per_image"] == pytest.approx(784 * CURVE["test_mse"][8])
 
 
 # --------------------------------------------------------------------------- evaluate_model
@@ -112,9 +157,11 @@ def cfg(kind="mlp", pixels="0,1", noise=0.0, loss="mse"):
             "optimizer": {"name": "adam", "lr": 0.001, "weight_decay": 0.0}, "loss": loss,
             "batch_size": 8, "epochs": 1, "activation": "relu", "output_activation": "sigmoid"}
     if kind == "mlp":
-        return {**base, "encoder": [784, 8], "decoder": [8, 784], "code_activation": "none",
-                "dropout": 0.0}
-    return {**base, "channels": [1, 2, 2], "kernel": 3, "pool": 2}
+        base |= {"encoder": [784, 8], "decoder": [8, 784], "code_activation": "none",
+                 "dropout": 0.0}
+    else:
+        base |= {"channels": [1, 2, 2], "kernel": 3, "pool": 2}
+    return kinds.validate_model("m", base)
 
 
 class Constant(nn.Module):
@@ -130,13 +177,6 @@ class Constant(nn.Module):
         return torch.full_like(x, float(self.value))
 
 
-class Identity(nn.Module):
-    latent_dim = 784
-
-    def forward(self, x):
-        return x
-
-
 def batch(n=40, seed=0):
     rng = np.random.default_rng(seed)
     return rng.integers(0, 10, n, dtype=np.uint8), rng.integers(0, 256, (n, 784), dtype=np.uint8)
@@ -148,7 +188,6 @@ def test_minus_one_one_outputs_are_mapped_not_clamped():
     m = metrics.evaluate_model(Constant(1.2), cfg(pixels="-1,1"), labels, pixels, 0)
     assert m["mse"] == pytest.approx(0.01, rel=1e-5)  # 1.2 -> 1.1 on [0,1], target 1.0
     assert m["test_loss"] == pytest.approx(0.04, rel=1e-5)  # (1.2 - 1.0)^2 on [-1,1]
-    assert m["params"] == 1 and m["latent_dim"] == 1 and m["loss"] == "mse"
 
 
 def test_test_loss_in_source_scale():
@@ -163,52 +202,55 @@ def test_test_loss_in_source_scale():
 def test_evaluate_model_keys(kind, noise):
     torch.manual_seed(0)
     c = cfg(kind, pixels="-1,1", noise=noise)
-    model = build_model(c).eval()
+    model = c.make().eval()
     labels, pixels = batch()
     m = metrics.evaluate_model(model, c, labels, pixels, noise_seed=3)
-    keys = {"mse", "sse_per_image", "bce", "psnr", "mse_per_digit", "test_loss", "loss",
-            "params", "latent_dim"}
+    keys = {"mse", "sse_per_image", "bce", "psnr", "mse_per_digit", "test_loss"}
     if noise:
         keys |= {"denoise_mse", "noisy_input_mse"}
     assert set(m) == keys
-    assert m["params"] == sum(p.numel() for p in model.parameters())
-    assert m["latent_dim"] == model.latent_dim
-    assert all(math.isfinite(v) for v in metrics.flat_metrics(m).values())
+    assert set(m["mse_per_digit"]) == {str(d) for d in np.unique(labels)}
+    assert all(math.isfinite(v) for v in metrics.flat(m).values())
     assert metrics.evaluate_model(model, c, labels, pixels, noise_seed=3) == m  # deterministic
 
 
 def test_noisy_input_is_the_same_noise_the_model_sees():
     labels, pixels = batch()
     c = cfg(noise=0.5)
-    m = metrics.evaluate_model(Identity(), c, labels, pixels, noise_seed=5)
+    m = metrics.evaluate_model(nn.Identity(), c, labels, pixels, noise_seed=5)
     # an identity model returns its noisy input: denoising it gains nothing
     assert m["denoise_mse"] == m["noisy_input_mse"] > 0.01
     assert m["mse"] == pytest.approx(0, abs=1e-12)  # float32 / 255 vs float64 / 255
-    other = metrics.evaluate_model(Identity(), c, labels, pixels, noise_seed=6)
+    other = metrics.evaluate_model(nn.Identity(), c, labels, pixels, noise_seed=6)
     assert other["noisy_input_mse"] != m["noisy_input_mse"]
 
 
 # --------------------------------------------------------------------------- pca stage
 
 
-def test_pca_stage(tmp_path, monkeypatch):
-    from stages import pca
+@pytest.fixture
+def one_torch_thread():
+    """On a busy machine torch's threads wait on each other: one eigendecomposition of
+    784 x 784 took 0.1 s with one thread and 0.15 to 10 s with two (2 cores, load 5)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
-    models = {"small": cfg(), "wide": {**cfg(), "encoder": [784, 1000], "decoder": [1000, 784]},
-              "conv": cfg("conv")}  # conv latent 2 x 12 x 12 = 288
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"models": models}))
-    for split, n in (("train", 1000), ("test", 30)):  # > 784 images: see above
+
+def test_pca_stage(tmp_path, one_torch_thread):
+    for split, n in (("train", 1000), ("test", 30)):  # > 784 training images: full rank
         labels, pixels = batch(n, seed=n)
         data.write_mnist_csv(tmp_path / "csv" / f"mnist_{split}.csv", labels, pixels)
-    monkeypatch.chdir(tmp_path)
-
-    assert pca.main(["csv", "metrics/pca.json", "plots/pca_curve.csv"]) == 0
-    result = json.loads((tmp_path / "metrics/pca.json").read_text())
-    assert list(result) == ["pca8", "pca288", "pca784"]  # by latent size; 1000 capped at 784
-    assert [r["latent_dim"] for r in result.values()] == [8, 288, 784]
-    assert result["pca784"]["mse"] == 0 and result["pca784"]["psnr"] is None
-    assert result["pca8"]["mse"] > result["pca288"]["mse"] > 0
-    rows = list(csv.DictReader((tmp_path / "plots/pca_curve.csv").open()))
+    curve_csv = tmp_path / "plots" / "pca_curve.csv"
+    run_stage("pca", tmp_path / "csv", curve_csv)  # reads no params: any cwd will do
+    rows = list(csv.DictReader(curve_csv.open()))
+    assert list(rows[0]) == ["components", "test_mse"]
     assert [int(r["components"]) for r in rows] == list(range(785))
-    assert float(rows[8]["test_mse"]) == pytest.approx(result["pca8"]["mse"], rel=1e-5)
+    mse = np.array([float(r["test_mse"]) for r in rows])
+    assert (np.diff(mse) <= 0).all() and mse[-1] < 1e-9 < mse[8]
+    # k = 0 keeps only the training mean (6 significant digits in the file)
+    train_mean = batch(1000, seed=1000)[1].mean(axis=0) / 255
+    assert mse[0] == pytest.approx(((batch(30, seed=30)[1] / 255 - train_mean) ** 2).mean(),
+                                   rel=1e-5)
     assert not list(tmp_path.rglob("*.tmp"))

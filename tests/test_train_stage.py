@@ -1,119 +1,159 @@
-"""stages/train.py in-process, on the small CSVs of conftest, with MLflow in a temporary store."""
+"""The train stage: the session's project (conftest) trained deep3 and convnoisy in-process, two
+replicas each; these tests read what it wrote, and run the failures on copies of it."""
 
 from __future__ import annotations
 
-import copy
-import json
+import csv
+import os
 import shutil
+import subprocess
+import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import REPO, TINY_MODELS, TRAIN_LIMIT, run_stage
 
-from aebench import tracking
+from aebench import constants, kinds, tracking, training
 from aebench.config import ConfigError
-from stages import train as train_stage
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def workdir(tmp_path, mnist_csv, monkeypatch):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for cfg in params["models"].values():
-        cfg["epochs"] = 2
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copytree(mnist_csv, tmp_path / "data" / "csv")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return tmp_path
+CURVE_HEADER = ["epoch", "test_mse", "test_mse_std", "train_loss", "train_loss_std"]
 
 
-def run_stage(name):
-    return train_stage.main([name, "data/csv", f"data/models/{name}", f"plots/curves/{name}.csv"])
+def replica_run(client, project, name: str, r: int):
+    """The MLflow run of replica r of model `name`, found as evaluate finds it: by the sha256
+    of its checkpoint."""
+    sha = tracking.sha256_file(project.root / f"data/models/{name}/r{r}.pt")
+    model_id = tracking.find_logged_model(name, sha)
+    assert model_id, f"{name}-r{r}: no logged model with the checkpoint's sha256"
+    return client.get_run(client.get_logged_model(model_id).source_run_id)
 
 
-def test_writes_weights_run_info_and_curve(workdir):
-    assert run_stage("sigmoid100") == 0
-    ckpt = torch.load("data/models/sigmoid100/weights.pt", weights_only=True)
-    assert ckpt["config"]["loss"] == "half_mse"
-    info = json.loads(Path("data/models/sigmoid100/run.json").read_text())
-    assert info["device"] == "cpu" and info["train_seconds"] > 0 and info["n_train"] == 30
-    rows = Path("plots/curves/sigmoid100.csv").read_text().splitlines()
-    assert rows[0] == "epoch,train_loss,train_loss_last_batch,test_mse" and len(rows) == 3
-
-    import mlflow
-
-    run = mlflow.get_run(info["run_id"])
-    assert run.info.run_name == "sigmoid100" and run.info.status == "FINISHED"
-    assert run.data.params["optimizer.lr"] == "0.01" and run.data.params["device"] == "cpu"
-    assert run.data.tags["dvc_stage"] == "train@sigmoid100"
-    experiment = mlflow.get_experiment(run.info.experiment_id)
-    assert experiment.name == "aebench"
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    history = mlflow.MlflowClient().get_metric_history(info["run_id"], "test_mse")
-    assert [m.step for m in history] == [1, 2]
+def set_params(root: Path, change) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    change(params)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_same_seed_same_weights(workdir):
-    run_stage("under30")
-    first = torch.load("data/models/under30/weights.pt", weights_only=True)["state_dict"]
-    shutil.rmtree("data/models/under30")
-    run_stage("under30")
-    second = torch.load("data/models/under30/weights.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(first[k], second[k]) for k in first)
+def test_every_replica_is_written_with_what_built_it(project):
+    for name, entry in TINY_MODELS.items():
+        folder = project.root / "data/models" / name
+        assert sorted(p.name for p in folder.iterdir()) == ["r0.pt", "r1.pt"]  # no temp files
+        for r in range(2):
+            ckpt = torch.load(folder / constants.replica_file(r), weights_only=True)
+            assert {k: ckpt[k] for k in ("name", "replica", "seed", "device")} == \
+                {"name": name, "replica": r, "seed": r, "device": "cpu"}
+            assert ckpt["config"] == kinds.validate_model(name, entry).model_dump()
+        first, second = (torch.load(folder / f"r{r}.pt", weights_only=True)["state_dict"]
+                         for r in range(2))
+        assert not all(torch.equal(first[k], second[k]) for k in first)  # two seeds
 
 
-def test_limit_trains_on_the_first_images(workdir):
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["train"]["limit"] = 10
-    Path("params.yaml").write_text(yaml.safe_dump(params))
-    run_stage("under30")
-    assert json.loads(Path("data/models/under30/run.json").read_text())["n_train"] == 10
+def test_curve_is_mean_and_std_over_replicas_at_six_digits(project, mlflow_client):
+    for name in TINY_MODELS:
+        with open(project.root / "plots/curves" / f"{name}.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == CURVE_HEADER
+        assert [row[0] for row in rows[1:]] == ["1", "2"]  # one row per epoch
+        digits = [len(Decimal(cell).as_tuple().digits) for row in rows[1:] for cell in row[1:]]
+        assert max(digits) == 6, rows  # rounded to 6 significant digits, not fewer
+        # the mean and std of the replicas' own test mse, as their MLflow runs logged it
+        runs = [replica_run(mlflow_client, project, name, r) for r in range(2)]
+        per_replica = [mlflow_client.get_metric_history(run.info.run_id, "test_mse")[-1].value
+                       for run in runs]
+        last = dict(zip(CURVE_HEADER, map(float, rows[-1]), strict=True))
+        mean = sum(per_replica) / 2
+        assert last["test_mse"] == pytest.approx(mean, rel=1e-5)
+        assert last["test_mse_std"] == pytest.approx(abs(per_replica[0] - mean) * 2 ** 0.5,
+                                                     rel=1e-3)  # ddof 1
 
 
-def test_unusable_tracking_store_fails_before_training(workdir, monkeypatch):
-    Path("blocker").write_text("a file where the store's folder should be")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'blocker' / 'mlflow.db'}")
-    with pytest.raises(tracking.TrackingError, match="cannot open the MLflow tracking store"):
-        run_stage("under30")
-    assert not Path("data/models").exists() and not Path("plots").exists()
+def test_training_is_recorded_in_mlflow(project, mlflow_client):
+    for name in TINY_MODELS:
+        for r in range(2):
+            child = replica_run(mlflow_client, project, name, r)
+            assert child.info.run_name == f"{name}-r{r}" and child.info.status == "FINISHED"
+            assert child.data.params["seed"] == str(r)
+            history = mlflow_client.get_metric_history(child.info.run_id, "test_mse")
+            assert [m.step for m in history] == [1, 2]
+        parent = mlflow_client.get_run(child.data.tags["mlflow.parentRunId"])
+        assert parent.info.run_name == name and parent.info.status == "FINISHED"
+        params = parent.data.params
+        assert params["n_train"] == str(TRAIN_LIMIT) and params["train.limit"] == str(TRAIN_LIMIT)
+        assert params["optimizer.lr"] == "0.001" and params["device"] == "cpu"
+        assert params["replicas"] == "2" and params["kind"] == TINY_MODELS[name]["kind"]
 
 
-def test_nan_loss_writes_no_weights(workdir, monkeypatch):
-    real_build = train_stage.models.build_model
-
-    def poisoned(cfg):
-        model = real_build(cfg)
-        with torch.no_grad():
-            next(model.parameters()).fill_(float("nan"))
-        return model
-
-    monkeypatch.setattr(train_stage.models, "build_model", poisoned)
-    with pytest.raises(train_stage.training.TrainingError, match="under30.*epoch 1"):
-        run_stage("under30")
-    assert not Path("data/models/under30").exists()
-    assert not Path("plots/curves/under30.csv").exists()
+def test_same_seed_gives_byte_identical_checkpoints(project, project_copy):
+    shutil.rmtree(project_copy / "data/models/deep3")
+    (project_copy / "plots/curves/deep3.csv").unlink()
+    run_stage("train", key="deep3")  # the arguments of dvc.yaml
+    for path in ("data/models/deep3/r0.pt", "data/models/deep3/r1.pt", "plots/curves/deep3.csv"):
+        assert (project_copy / path).read_bytes() == (project.root / path).read_bytes(), path
 
 
-def test_unknown_model_and_bad_params_are_named(workdir):
+def test_diverging_run_writes_nothing_and_its_run_fails(project, project_copy, mlflow_client):
+    # relu code and output, lr 1e6: Adam's first steps move every weight by ~1e6, and epoch 1's
+    # mean loss (~1e25) is far past 1000 x the untrained model's (training.EXPLODED). (With
+    # code_activation none the loss goes to NaN instead, the other way the stage stops.)
+    blowup = {**TINY_MODELS["deep3"], "pixels": "0,1", "code_activation": "relu",
+              "output_activation": "relu",
+              "optimizer": {"name": "adam", "lr": 1.0e6, "weight_decay": 0.0}}
+    set_params(project_copy, lambda p: p["models"].update(blowup=blowup))
+    with pytest.raises(training.TrainingError, match=r"model blowup-r0: .* at epoch 1 .* "
+                                                     r"the run diverged"):
+        run_stage("train", key="blowup")
+    assert not (project_copy / "data/models/blowup").exists()
+    assert not (project_copy / "plots/curves/blowup.csv").exists()
+    assert sorted(p.name for p in (project_copy / "data/models").iterdir()) == \
+        sorted(p.name for p in (project.root / "data/models").iterdir())  # no temporary folder
+    experiment = mlflow_client.get_experiment_by_name("aebench").experiment_id
+    (parent,) = mlflow_client.search_runs([experiment], "attributes.run_name = 'blowup'")
+    (child,) = mlflow_client.search_runs([experiment], "attributes.run_name = 'blowup-r0'")
+    assert parent.info.status == child.info.status == "FAILED"
+
+
+def test_limit_above_the_rows_is_one_line_naming_train_limit(project_copy):
+    set_params(project_copy, lambda p: p["train"].update(limit=61))  # the CSV has 60 rows
+    with pytest.raises(ValueError, match=r"train\.limit") as err:
+        run_stage("train", key="deep3")
+    assert "\n" not in str(err.value) and "61" in str(err.value)
+
+
+def test_unknown_model_and_bad_params_are_named(project_copy):
     with pytest.raises(ConfigError, match="models.nope: missing"):
-        run_stage("nope")
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    bad = copy.deepcopy(params)
-    bad["models"]["under30"]["optimizer"]["lr"] = 0
-    Path("params.yaml").write_text(yaml.safe_dump(bad))
-    with pytest.raises(ConfigError, match=r"models.under30.optimizer.lr: 0 is not allowed"):
-        run_stage("under30")
+        run_stage("train", key="nope")
+    set_params(project_copy, lambda p: p["models"]["deep3"]["optimizer"].update(lr=0))
+    with pytest.raises(ConfigError, match=r"models.deep3.optimizer.lr: 0 is not allowed"):
+        run_stage("train", key="deep3")
 
 
-def test_runs_from_a_dvc_temp_copy_land_in_the_working_copy(monkeypatch):
-    root = Path("/home/u/project")
-    assert tracking.working_copy_root(root / ".dvc/tmp/exps/tmpab12/") == root
-    assert tracking.working_copy_root(root) == root
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.tracking_uri(root / ".dvc/tmp/exps/tmpab12") == \
-        "sqlite:////home/u/project/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.tracking_uri(root) == "http://127.0.0.1:5000"
+def test_unusable_tracking_store_fails_before_training(project_copy, monkeypatch):
+    shutil.rmtree(project_copy / "data/models/deep3")
+    (project_copy / "plots/curves/deep3.csv").unlink()
+    (project_copy / "blocker").write_text("a file where the store's folder should be")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project_copy / 'blocker/mlflow.db'}")
+    with pytest.raises(tracking.TrackingError, match="cannot open the MLflow tracking store"):
+        run_stage("train", key="deep3")
+    assert not (project_copy / "data/models/deep3").exists()
+    assert not (project_copy / "plots/curves/deep3.csv").exists()
+
+
+def test_cli_unwritable_output_fails_before_training(tmp_path, project_copy):
+    # The one real `python -m stages.train` of the suite: exit code and stderr are the point.
+    # (Running as root, a read-only folder would not stop the write: a path under a regular
+    # file cannot be created by anyone.)
+    (project_copy / "blocker").write_text("not a folder")
+    store = tmp_path / "never" / "mlflow.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
+    env.pop("AEBENCH_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "stages.train", "deep3", "data/csv",
+                           "blocker/sub/deep3", "plots/curves/deep3.csv"], cwd=project_copy,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: blocker/sub/deep3: cannot write this output (Not a directory)"), proc.stderr
+    assert not store.parent.exists()  # failed before the MLflow store was even opened
