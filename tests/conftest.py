@@ -8,9 +8,16 @@ tiny trained and evaluated project for the stage tests (see "a trained project" 
 
 from __future__ import annotations
 
+import os
+
+# One thread for torch and numpy, in this process and the stages it starts, before either is
+# imported: the models are tiny, and two threads on a shared 2-core machine stall each other
+# (a 784 x 784 eigendecomposition: 0.08 s on one thread, up to 10 s on two). Training itself
+# uses one thread on the CPU whatever this says.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import gzip
 import hashlib
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
