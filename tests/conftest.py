@@ -27,11 +27,33 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from torch import nn
 
 IDX_NAMES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+
+
+class ToyAutoencoder(nn.Module):
+    """A linear code with BatchNorm (buffers: what a checkpoint must keep and CUDA-graph warm-up
+    must restore), for the toy kinds the tests define; `output` is tanh or sigmoid."""
+
+    def __init__(self, code: int, output: str = "tanh"):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(784, code), nn.BatchNorm1d(code))
+        self.decoder = nn.Sequential(nn.Linear(code, 784),
+                                     nn.Tanh() if output == "tanh" else nn.Sigmoid())
+        self.latent_dim = code
+
+    def encode(self, x):
+        return self.encoder(x)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -6,8 +6,8 @@ from typing import Literal
 
 import pytest
 import torch
+from conftest import ToyAutoencoder
 from pydantic import Field
-from torch import nn
 
 from aebench import kinds, metrics, models, training
 from aebench.config import ConfigError
@@ -16,25 +16,6 @@ from aebench.kinds import ModelConfig
 from aebench.losses import source_loss
 
 CPU = torch.device("cpu")
-
-
-class ToyAutoencoder(nn.Module):
-    """Linear code with BatchNorm (buffers that must survive a checkpoint), tanh output."""
-
-    def __init__(self, code: int):
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(784, code), nn.BatchNorm1d(code))
-        self.decoder = nn.Sequential(nn.Linear(code, 784), nn.Tanh())
-        self.latent_dim = code
-
-    def encode(self, x):
-        return self.encoder(x)
-
-    def decode(self, z):
-        return self.decoder(z)
-
-    def forward(self, x):
-        return self.decode(self.encode(x))
 
 
 class ToyConfig(ModelConfig):

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 import torch
-from torch import nn
+from conftest import ToyAutoencoder
 
 from aebench import kinds
 from aebench.config import load_params
@@ -46,23 +46,6 @@ def small(name, **changes) -> ModelConfig:
     return kinds.validate_model(name, dict(copy.deepcopy(MODELS[name]), **changes))
 
 
-class BatchNormAutoencoder(nn.Module):
-    def __init__(self, code: int):
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(784, code), nn.BatchNorm1d(code), nn.ReLU())
-        self.decoder = nn.Sequential(nn.Linear(code, 784), nn.Sigmoid())
-        self.latent_dim = code
-
-    def encode(self, x):
-        return self.encoder(x)
-
-    def decode(self, z):
-        return self.decoder(z)
-
-    def forward(self, x):
-        return self.decoder(self.encoder(x))
-
-
 class BatchNormConfig(ModelConfig):
     """A kind with buffers (BatchNorm running statistics): the state that CUDA-graph warm-up
     changes besides the weights. Used directly, so it needs no registering."""
@@ -70,8 +53,8 @@ class BatchNormConfig(ModelConfig):
     kind: Literal["toy_bn"]
     code: int
 
-    def build(self) -> BatchNormAutoencoder:
-        return BatchNormAutoencoder(self.code)
+    def build(self) -> ToyAutoencoder:
+        return ToyAutoencoder(self.code, output="sigmoid")
 
 
 def bn_config(optimizer="adam", **changes) -> BatchNormConfig:
