@@ -32,11 +32,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _pm(stat: dict | None, fmt) -> str:
-    """mean ± std of a headline entry."""
+def _pm(stat: dict | None, decimals: int = 5) -> str:
+    """mean ± std of a headline entry, both to the same decimals (scientific below 1e-3)."""
     if stat is None:
         return DASH
-    return f"{fmt(stat['mean'])} ± {fmt(stat['std'])}"
+    mean, std = stat["mean"], stat["std"]
+    fmt = f".{decimals}f" if abs(mean) >= 1e-3 or decimals < 5 else ".2e"
+    return f"{mean:{fmt}} ± {std:{fmt}}"
 
 
 def _pca_columns(mse: float, pca_entry: dict) -> list[str]:
@@ -52,10 +54,10 @@ def model_rows(headline: dict, details: dict) -> list[list[str]]:
     rows = []
     for name, h in headline.items():
         d = details[name]
-        loss = _pm(h.get("test_loss") or h["mse"], lambda v: format(v, ".4g"))
+        loss = _pm(h.get("test_loss") or h["mse"])
         rows.append([
-            name, str(d["latent_dim"]), f"{d['params']:,}", _pm(h["mse"], _mse),
-            _pm(h["sse_per_image"], lambda v: f"{v:.2f}"),
+            name, str(d["latent_dim"]), f"{d['params']:,}", _pm(h["mse"]),
+            _pm(h["sse_per_image"], 2),
             _num(d["mean"].get("psnr"), ".2f"), _num(d["mean"].get("bce"), ".4f"),
             f"{loss} ({d['loss']})", *_pca_columns(h["mse"]["mean"], d["pca"]),
             str(h["n"]), d.get("device") or DASH,

@@ -60,11 +60,11 @@ def test_model_rows_are_mean_plus_minus_std_with_n():
     line = row(summary(), "under30")
     assert "| 0.01000 ± 0.00100 |" in line  # test MSE
     assert "| 7.84 ± 0.78 |" in line  # SSE/image
-    assert "| 0.04 ± 0.004 (mse) |" in line  # test loss in the source's scale
+    assert "| 0.04000 ± 0.00400 (mse) |" in line  # test loss in the source's scale
     assert line.endswith("| 3 | cuda |")  # n, device
     headline = {"under30": {k: v for k, v in HEADLINE["under30"].items() if k != "test_loss"}}
     # no test_loss in the headline (the loss is the common mse): the mse stands in
-    assert "| 0.01 ± 0.001 (mse) |" in row(summary(headline, DETAILS), "under30")
+    assert "| 0.01000 ± 0.00100 (mse) |" in row(summary(headline, DETAILS), "under30")
 
 
 def test_noise_sentence_follows_the_smallest_n():
