@@ -186,6 +186,16 @@ def image_7777(inp: Inputs, path: Path):
     drawing.image_before_after(pixels[i] / 255.0, afters, path, title=title)
 
 
+def overlay_rows(curves: dict[str, dict[str, np.ndarray]]) -> list[dict]:
+    """Every model's curve in one long table (model, epoch, test_mse, test_mse_std): DVC overlays
+    only the files a plot names, and one file names every model, however many there are."""
+    return [{"model": name, "epoch": int(epoch), "test_mse": float(mse),
+             "test_mse_std": float(std)}
+            for name, c in curves.items()
+            for epoch, mse, std in zip(c["epoch"], c["test_mse"], c["test_mse_std"],
+                                       strict=True)]
+
+
 def draw_all(inp: Inputs, out_dir: Path) -> list[Path]:
     """Every registered figure into out_dir; returns the paths written."""
     paths = []

@@ -1,8 +1,8 @@
 """Stage figures: every PNG of aebench.figures.FIGURES, for every model in params.yaml.
 
-Reads params.yaml sections `models`, `train.replicas` (only replica 0 is drawn) and `evaluate`
-(noise_seed). Writes OUT_DIR/<name>.png for each registered figure, and logs them to a new
-MLflow evaluation run named `figures`.
+Reads params.yaml sections `models` (replica 0 of each is drawn) and `evaluate` (noise_seed).
+Writes OUT_DIR/<name>.png for each registered figure and OVERLAY_CSV (every model's curve in one
+table, for DVC's overlay plot), and logs the PNGs to a new MLflow run named `figures`.
 """
 
 import sys
@@ -11,7 +11,7 @@ from pathlib import Path
 from aebench import cli, config, constants, data, figures, files, kinds, models, tracking
 
 USAGE = ("python -m stages.figures CSV_DIR MODELS_DIR MODELS_JSON DETAILS_JSON CURVES_DIR "
-         "PCA_CURVE OUT_DIR")
+         "PCA_CURVE OUT_DIR OVERLAY_CSV")
 CURVE = ("epoch", "test_mse", "train_loss")
 
 
@@ -35,6 +35,7 @@ def main(args) -> None:
                                   limit=figures.TRAIN_IMAGE + 1, short_ok=True),
         noise_seed=noise_seed)
     paths = figures.draw_all(inputs, Path(args.out_dir))
+    files.write_csv_rows(args.overlay_csv, figures.overlay_rows(inputs.curves))
     with tracking.evaluation_run(experiment_id, name="figures"):
         tracking.log_artifacts(paths)
     for path in paths:

@@ -29,7 +29,7 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.e2e
 MODELS = {"under30": {"replicas": 2}, "conv16": {"replicas": 1, "input_noise": 0.5}}
 OUTPUTS = ("dvc.lock", "data/models", "metrics", "plots/curves", "plots/pca_curve.csv",
-           "plots/figures", "reports")
+           "plots/figures", "plots/test_mse_by_epoch.csv", "reports")
 
 
 def env() -> dict[str, str]:

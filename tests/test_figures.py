@@ -72,18 +72,29 @@ def check_png(path: Path) -> None:
         assert len(np.unique(np.asarray(img.convert("L")))) > 2, f"{path.name} is blank"
 
 
+OUT_DIR, OVERLAY = 6, 7  # positions of the figures folder and the overlay table in the args
+
+
 def test_every_png_is_written_and_valid(root):
-    out = root / dvc_args("figures")[-1]
+    out = root / dvc_args("figures")[OUT_DIR]
     assert {p.name for p in out.iterdir()} == EVERY_PNG  # no temporary files left
     for name in EVERY_PNG:
         check_png(out / name)
 
 
+def test_overlay_table_has_every_model_and_epoch(root):
+    rows = (root / dvc_args("figures")[OVERLAY]).read_text().splitlines()
+    assert rows[0] == "model,epoch,test_mse,test_mse_std"
+    assert sorted({r.split(",")[0] for r in rows[1:]}) == ["convnoisy", "deep3"]
+    assert len(rows) == 1 + 2 * 2  # two models, two epochs each
+
+
 def test_figures_are_deterministic(in_root):
     args = dvc_args("figures")
-    run_stage("figures", *args[:-1], "plots/again")
+    args[OUT_DIR], args[OVERLAY] = "plots/again", "plots/again.csv"
+    run_stage("figures", *args)
     for name in EVERY_PNG:
-        assert (in_root / args[-1] / name).read_bytes() == \
+        assert (in_root / dvc_args("figures")[OUT_DIR] / name).read_bytes() == \
             (in_root / "plots/again" / name).read_bytes(), name
 
 
@@ -101,7 +112,7 @@ def test_missing_metrics_fail_naming_the_model(in_root, tmp_path):
     partial = tmp_path / "models.json"
     headline = json.loads((in_root / args[2]).read_text())
     partial.write_text(json.dumps({"deep3": headline["deep3"]}))
-    args[2], args[-1] = str(partial), str(tmp_path / "out")
+    args[2], args[OUT_DIR] = str(partial), str(tmp_path / "out")
     with pytest.raises(ValueError, match=r"no metrics for convnoisy; rerun `dvc repro evaluate`"):
         run_stage("figures", *args)
     assert not (tmp_path / "out").exists()

@@ -16,19 +16,19 @@ from pathlib import Path
 import yaml
 from dvc_render import VegaRenderer
 
+from aebench.figures import overlay_rows
+from aebench.files import read_columns, write_csv_rows
+
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / ".dvc" / "plots" / "offline.html"
 OVERLAY_ID = "test_mse_by_epoch"
+OVERLAY_CSV = "plots/test_mse_by_epoch.csv"
 
 
 def top_level_plots() -> dict[str, dict | None]:
     """dvc.yaml's top-level `plots:` as {plot id: definition or None}."""
     entries = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
     return {k: v for e in entries for k, v in ({e: None} if isinstance(e, str) else e).items()}
-
-
-def overlay_files(definition: dict) -> set[str]:
-    return {path for path, field in definition["y"].items() if field == "test_mse"}
 
 
 def inline_scripts(html: str) -> list[str]:
@@ -38,12 +38,13 @@ def inline_scripts(html: str) -> list[str]:
 
 def test_top_level_plots_name_every_model_the_pca_curve_and_the_figures():
     plots = top_level_plots()
-    models = yaml.safe_load((ROOT / "params.yaml").read_text())["models"]
-    # DVC overlays only the files `y:` names, so a model added to params.yaml must be added here.
-    assert overlay_files(plots[OVERLAY_ID]) == {f"plots/curves/{m}.csv" for m in models}, (
-        "dvc.yaml: plots.test_mse_by_epoch.y must name plots/curves/NAME.csv for every model"
-    )
+    # DVC overlays only the files `y:` names: one table that the figures stage writes with every
+    # model's curve, so a model added to params.yaml needs no change here.
+    assert plots[OVERLAY_ID]["y"] == {OVERLAY_CSV: "test_mse"}
     assert plots[OVERLAY_ID]["x"] == "epoch"
+    figures_stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["figures"]
+    assert OVERLAY_CSV in figures_stage["cmd"] and any(
+        OVERLAY_CSV in (o if isinstance(o, str) else next(iter(o))) for o in figures_stage["outs"])
 
     pca = next(d for d in plots.values() if d and "plots/pca_curve.csv" in d.get("y", {}))
     assert pca["x"] == {"plots/pca_curve.csv": "components"}
@@ -75,13 +76,11 @@ def test_plots_show_writes_an_offline_page_with_one_overlay_of_every_curve(tmp_p
     shutil.copytree(ROOT / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
 
-    # A new model: its curve file, named in the overlay as a new params.yaml entry requires.
-    curves = sorted(p.name for p in (ROOT / "plots" / "curves").glob("*.csv"))
-    shutil.copy(tmp_path / "plots/curves" / curves[0], tmp_path / "plots/curves/newmodel.csv")
-    dvc_yaml = yaml.safe_load((tmp_path / "dvc.yaml").read_text())
-    overlay = [e for e in dvc_yaml["plots"] if isinstance(e, dict) and OVERLAY_ID in e]
-    overlay[0][OVERLAY_ID]["y"]["plots/curves/newmodel.csv"] = "test_mse"
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    # The overlay table as the figures stage writes it, from the committed curves and a new model.
+    curves = {p.stem: read_columns(p, ("epoch", "test_mse", "test_mse_std"))
+              for p in sorted((ROOT / "plots" / "curves").glob("*.csv"))}
+    curves["newmodel"] = next(iter(curves.values()))
+    write_csv_rows(tmp_path / OVERLAY_CSV, overlay_rows(curves))
 
     # No --html-template: the page must come from .dvc/config's plots.html_template.
     subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "-o", "out"], cwd=tmp_path,
@@ -95,7 +94,7 @@ def test_plots_show_writes_an_offline_page_with_one_overlay_of_every_curve(tmp_p
     spec = re.search(r"var spec = (\{.*?\});\s*vegaEmbed\('#" + OVERLAY_ID + "'", page, re.S)
     assert spec, f"no {OVERLAY_ID} plot on the page"
     values = json.loads(spec.group(1))["data"]["values"]
-    assert {v["filename"] for v in values} == set(curves) | {"newmodel.csv"}
+    assert {v["model"] for v in values} == set(curves)
     assert page.count(f"vegaEmbed('#{OVERLAY_ID}'") == 1
 
     figures = sorted(p.name for p in (ROOT / "plots" / "figures").glob("*.png"))
