@@ -127,8 +127,11 @@ def test_usage_error_exits_2_with_the_usage(prog):
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_runs_finally_and_exits_128_plus_n(prog, sig, code):
+    # A shell runs background jobs with SIGINT ignored, and the child would inherit that (and
+    # keep it, as cli.run respects an ignored signal): give it the terminal's default.
     child = subprocess.Popen([sys.executable, "prog.py", "sleep", "."], cwd=prog, env=env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert child.stdout.readline() == "ready\n"
     child.send_signal(sig)
     _, err = child.communicate(timeout=10)

@@ -428,6 +428,8 @@ def test_download_cut_short_tries_the_next_mirror(tmp_path, good, bad_http, capl
 def test_download_ctrl_c_leaves_no_temp_files(tmp_path, good, bad_http):
     _, md5s = good
     out = tmp_path / "out"
+    # Python's own Ctrl-C handler, even where the test runs with SIGINT ignored (a background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     # Ctrl-C, as the terminal sends it: SIGINT to the main thread, mid-transfer.
     ctrl_c = threading.Timer(0.5, signal.pthread_kill, (threading.main_thread().ident,
                                                         signal.SIGINT))
@@ -438,6 +440,7 @@ def test_download_ctrl_c_leaves_no_temp_files(tmp_path, good, bad_http):
             download(out, [bad_http[0] + "drip/"], timeout=30, files=md5s)
     finally:
         ctrl_c.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 3
     assert os.listdir(out) == []
     # The transfer stopped too: the server saw the client hang up right after the Ctrl-C.
