@@ -21,6 +21,7 @@ from torch import nn
 from . import drawing
 from .constants import N_PIXELS
 from .kinds import ModelConfig
+from .metrics import mean_std
 from .models import reconstruct, to_model_scale
 
 TRAIN_IMAGE = 7777           # seed 000 shows training image 7777 ...
@@ -118,9 +119,8 @@ def _bars(inp: Inputs) -> dict[str, dict]:
                   "pca_mse": inp.details[n]["pca"]["mse"]}
         replicas = inp.details[n]["replicas"]
         if "denoise_mse" in replicas[0]:
-            values = np.array([r["denoise_mse"] for r in replicas])
-            out[n]["denoise_mse"] = float(values.mean())
-            out[n]["denoise_mse_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            stat = mean_std([r["denoise_mse"] for r in replicas])
+            out[n]["denoise_mse"], out[n]["denoise_mse_std"] = stat["mean"], stat["std"]
     return out
 
 
