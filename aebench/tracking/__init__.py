@@ -1,0 +1,42 @@
+"""MLflow: where runs go, and how training and evaluation are recorded.
+
+The store defaults to `sqlite:///<working copy>/mlflow.db`, an absolute URI. `dvc exp run --temp`
+and `--queue` execute in a copy under `<working copy>/.dvc/tmp/exps/`; the root is taken from
+above that folder so those runs land in the user's own store too. MLFLOW_TRACKING_URI overrides.
+
+What the store holds, in one experiment (`aebench`):
+
+- training: one run per model, named NAME (its params and tags), with one child run per
+  replica, NAME-r{i} (seed, per-epoch metrics at step = epoch, and the logged model NAME-r{i}).
+  The logged model is a pickled torch module (`mlflow.pytorch.load_model` returns the
+  autoencoder with `encode`, `decode` and `latent_dim`), tagged with the sha256 of the weights
+  file that DVC tracks: evaluation finds it from the checkpoint alone, so no run id ever has to
+  be written into a DVC output (it would make re-runs non-reproducible).
+- evaluation: a separate run per invocation, with one child run per evaluated replica; the test
+  metrics are attached to the replica's logged model (`model_id`) and to the test dataset.
+  A training run is never written to after it ends; figures go to the evaluation run.
+
+Every run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, or SIGTERM and the death of
+`dvc repro`, which aebench.cli turns into KeyboardInterrupt). A run left RUNNING by SIGKILL is
+marked KILLED when that model's training starts again.
+"""
+
+from __future__ import annotations
+
+from .evaluation import eval_dataset, evaluation_run, log_artifacts, log_evaluation
+from .models import PIXEL_SCALES, find_logged_model, log_replica_model, sha256_file
+from .runs import end_stale_runs, log_epochs, replica_run, training_run
+from .store import (
+    EXPERIMENT,
+    TrackingError,
+    common_tags,
+    git_commit,
+    open_store,
+    tracking_uri,
+    working_copy_root,
+)
+
+__all__ = ["EXPERIMENT", "PIXEL_SCALES", "TrackingError", "common_tags", "end_stale_runs",
+           "eval_dataset", "evaluation_run", "find_logged_model", "git_commit", "log_artifacts",
+           "log_epochs", "log_evaluation", "log_replica_model", "open_store", "replica_run",
+           "sha256_file", "tracking_uri", "training_run", "working_copy_root"]
