@@ -21,8 +21,9 @@ from aebench import cli, tracking
 
 
 def readme_snippet() -> str:
-    """The first Python block of README.md's "Reusing a trained model" section, as written."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """The first Python block of docs/mlflow.md's "Reusing a trained model" section, as
+    written."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "mlflow.md").read_text()
     section = text.split("## Reusing a trained model", 1)[1]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
