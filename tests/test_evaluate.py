@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO, STALE_MODEL, TINY_MODELS, dvc_args, run_stage
 
-from aebench import files, kinds, models
+from aebench import files, kinds, models, tracking
 
 DIGITS = {str(d) for d in range(10)}
 
@@ -97,6 +97,37 @@ def test_metrics_reach_mlflow_attached_to_the_logged_models(project, mlflow_clie
             assert model.tags["weights_sha256"] == run.data.tags["weights_sha256"]
             assert model.tags["model"] == name and model.tags["replica"] == str(i)
     assert "test_denoise_mse" in by_name["convnoisy-r0-eval"].data.metrics
+
+
+def test_the_evaluate_run_holds_the_headline_and_sets_best(project_copy, mlflow_client):
+    run_stage("evaluate")  # its own evaluation: other tests retrain (and drop @best)
+    headline = files.read_json(project_copy / "metrics/models.json")
+    details = files.read_json(project_copy / "reports/details.json")
+    client = mlflow_client
+    experiment = client.get_experiment_by_name("aebench").experiment_id
+    (run, *_) = client.search_runs([experiment], "attributes.run_name = 'evaluate'",
+                                   order_by=["attributes.start_time DESC"])
+    assert run.data.tags["details_sha256"] == \
+        tracking.sha256_file(project_copy / "reports/details.json")
+    for name in TINY_MODELS:
+        assert run.data.metrics[f"{name}/test_mse"] == \
+            pytest.approx(headline[name]["mse"]["mean"], rel=1e-5)
+        assert run.data.metrics[f"{name}/test_mse_std"] == \
+            pytest.approx(headline[name]["mse"]["std"], rel=1e-5)
+        assert run.data.metrics[f"{name}/pca_mse"] == \
+            pytest.approx(details[name]["pca"]["mse"], rel=1e-5)
+        # @best: the version of the checkpoint with the lowest test mse
+        mses = [r["mse"] for r in details[name]["replicas"]]
+        best = mses.index(min(mses))
+        version = client.get_model_version_by_alias(f"aebench-{name}", "best")
+        assert version.tags["weights_sha256"] == tracking.sha256_file(
+            project_copy / f"data/models/{name}/r{best}.pt")
+    assert "deep3/test_loss" in run.data.metrics
+    assert "convnoisy/test_loss" not in run.data.metrics  # mse on [0,1]: the mse itself
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "metrics")] == \
+        ["metrics/models.json", "metrics/pca.json"]
+    table = client.load_table(experiment, "headline.json", run_ids=[run.info.run_id])
+    assert sorted(table["model"]) == sorted(TINY_MODELS) and list(table["n"]) == [2, 2]
 
 
 def test_same_weights_give_byte_identical_files(project, project_copy):

@@ -157,3 +157,16 @@ def log_epochs(epochs: Sequence[Mapping[str, float]],
     run = active_run("log_epochs", "replica_run(...)")
     mlflow.MlflowClient().log_batch(run.info.run_id, metrics=metrics)
 
+
+
+def log_training_curve(rows: Sequence[Mapping[str, float]]) -> None:
+    """The model's results on its training run, after every replica has finished: per epoch
+    (step = epoch) the mean and std over replicas of each metric in `rows` (the rows of
+    plots/curves/NAME.csv: test_mse, test_mse_std, train_loss, train_loss_std), so the runs
+    table shows each model's final values on its own row and the chart view one curve per
+    model, without expanding the replicas."""
+    run = active_run("log_training_curve", "training_run(...)")
+    if run.data.tags.get("stage") != "train" or "mlflow.parentRunId" in run.data.tags:
+        raise RuntimeError("log_training_curve must run inside training_run(...), after the "
+                           "replica runs have ended")
+    log_epochs(rows)
