@@ -38,7 +38,8 @@ def main(args) -> None:
                   "n_params": sum(t.numel() for t in probe.parameters())}
     histories, model_ids = [], []
     # The weights folder is moved into place inside the run: a failure there fails the run too.
-    with tracking.training_run(experiment_id, args.name, run_params), \
+    color = tracking.model_color(list(params["models"]).index(args.name))  # as in the PNGs
+    with tracking.training_run(experiment_id, args.name, run_params, color=color), \
             files.atomic_dir(args.model_dir) as out:
         for r in range(replicas):
             seed = train.seed + r

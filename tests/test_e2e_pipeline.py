@@ -136,8 +136,8 @@ def test_every_model_is_trained_evaluated_and_recorded(repos):
     evaluate = {k: v for k, v in db.execute(
         "select m.key, m.value from latest_metrics m join runs r on m.run_uuid = r.run_uuid "
         "where r.name = 'evaluate'")}
-    assert evaluate["under30/test_mse"] == pytest.approx(headline["under30"]["mse"]["mean"],
-                                                         rel=1e-5)
+    assert evaluate["evaluation/test_mse.under30"] == \
+        pytest.approx(headline["under30"]["mse"]["mean"], rel=1e-5)
     (note,) = db.execute("select t.value from tags t join runs r on t.run_uuid = r.run_uuid "
                          "where r.name = 'evaluate' and t.key = 'mlflow.note.content'").fetchone()
     assert note.endswith(report)

@@ -110,11 +110,11 @@ def test_the_evaluate_run_holds_the_headline_and_sets_best(project_copy, mlflow_
     assert run.data.tags["details_sha256"] == \
         tracking.sha256_file(project_copy / "reports/details.json")
     for name in TINY_MODELS:
-        assert run.data.metrics[f"{name}/test_mse"] == \
+        assert run.data.metrics[f"evaluation/test_mse.{name}"] == \
             pytest.approx(headline[name]["mse"]["mean"], rel=1e-5)
-        assert run.data.metrics[f"{name}/test_mse_std"] == \
+        assert run.data.metrics[f"evaluation/test_mse_std.{name}"] == \
             pytest.approx(headline[name]["mse"]["std"], rel=1e-5)
-        assert run.data.metrics[f"{name}/pca_mse"] == \
+        assert run.data.metrics[f"evaluation/pca_mse.{name}"] == \
             pytest.approx(details[name]["pca"]["mse"], rel=1e-5)
         # @best: the version of the checkpoint with the lowest test mse
         mses = [r["mse"] for r in details[name]["replicas"]]
@@ -122,8 +122,8 @@ def test_the_evaluate_run_holds_the_headline_and_sets_best(project_copy, mlflow_
         version = client.get_model_version_by_alias(f"aebench-{name}", "best")
         assert version.tags["weights_sha256"] == tracking.sha256_file(
             project_copy / f"data/models/{name}/r{best}.pt")
-    assert "deep3/test_loss" in run.data.metrics
-    assert "convnoisy/test_loss" not in run.data.metrics  # mse on [0,1]: the mse itself
+    assert "evaluation/test_loss.deep3" in run.data.metrics
+    assert "evaluation/test_loss.convnoisy" not in run.data.metrics  # mse on [0,1]: the mse
     assert [a.path for a in client.list_artifacts(run.info.run_id, "metrics")] == \
         ["metrics/models.json", "metrics/pca.json"]
     table = client.load_table(experiment, "headline.json", run_ids=[run.info.run_id])

@@ -84,7 +84,8 @@ def trained(store):
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
         assert tracking.open_store() == experiment_id  # an earlier test may have moved MLflow
         params = {"kind": "mlp", "optimizer.lr": 1e-3, "n_train": 50, "device": "cpu"}
-        with tracking.training_run(experiment_id, "deep3", params) as parent:
+        with tracking.training_run(experiment_id, "deep3", params,
+                                   color=tracking.model_color(0)) as parent:
             out["parent"] = parent
             for i in range(2):
                 with tracking.replica_run("deep3", i, seed=i) as child:
@@ -170,6 +171,7 @@ def test_training_is_one_parent_run_with_one_child_per_replica(store, trained):
     assert parent.data.tags["dvc_exp_name"] == "exp-abc"
     assert parent.data.tags["git_commit"] == tracking.git_commit()
     assert "smoke" not in parent.data.tags
+    assert parent.data.tags["mlflow.runColor"] == "#1f77b4"  # the UI's colour of its runs
     # the results over replicas, per epoch, on the parent: its row and curve in the UI (counts
     # and sizes are params, not metrics)
     assert parent.data.metrics == {k: v for k, v in CURVE[-1].items() if k != "epoch"}
@@ -189,6 +191,15 @@ def test_training_is_one_parent_run_with_one_child_per_replica(store, trained):
         assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.25), (3, 0.5 / 3)]
         assert client.get_metric_history(run.info.run_id, "train_seconds")[0].step == 3
         assert set(run.data.metrics) == {"train_loss", "test_mse", "train_seconds"}
+        assert run.data.tags["mlflow.runColor"] == "#1f77b4"  # its model's
+
+
+def test_run_colours_are_the_pngs_and_dvc_plots_colours():
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    tab10 = [to_hex(c) for c in colormaps["tab10"].colors]  # drawing.model_colors; category10
+    assert [tracking.model_color(i) for i in range(12)] == tab10 + tab10[:2]
 
 
 def test_misuse_is_named(store):
@@ -329,6 +340,8 @@ def test_evaluation_is_a_new_run_attached_to_the_logged_model(store, trained, tm
     assert child.info.run_name == "deep3-r0-eval"
     assert child.data.tags["training_run_id"] == train_child
     assert child.data.tags["training_parent_run_id"] == trained["parent"]
+    assert child.data.tags["mlflow.runColor"] == "#1f77b4"  # the model's colour
+    assert parent.data.tags["mlflow.runColor"] == "#444444"  # not a model's run
     assert child.data.metrics == {"test_mse": 0.03, "psnr": 17.0}
     assert [d.dataset.name for d in child.inputs.dataset_inputs] == ["mnist_test"]
 
@@ -361,13 +374,13 @@ def test_the_evaluation_run_holds_the_results_and_the_report(store, trained, tmp
             tracking.log_evaluation("deep3", i, sha("deep3", i), {"test_mse": mse})
         tracking.log_results(HEADLINE, DETAILS, files, files[1])
     run = client.get_run(run_id)
-    assert run.data.metrics == {
-        "deep3/test_mse": 0.03, "deep3/test_mse_std": 0.001, "deep3/test_sse_per_image": 23.52,
-        "deep3/test_sse_per_image_std": 0.784, "deep3/test_loss": 0.12,
-        "deep3/test_loss_std": 0.004, "deep3/pca_mse": 0.05,
-        "conv16/test_mse": 0.001, "conv16/test_mse_std": 0.0002,
-        "conv16/test_sse_per_image": 0.784, "conv16/test_sse_per_image_std": 0.1568,
-        "conv16/pca_mse": 0.0}
+    assert run.data.metrics == {f"evaluation/{key}": value for key, value in {
+        "test_mse.deep3": 0.03, "test_mse_std.deep3": 0.001, "test_sse_per_image.deep3": 23.52,
+        "test_sse_per_image_std.deep3": 0.784, "test_loss.deep3": 0.12,
+        "test_loss_std.deep3": 0.004, "pca_mse.deep3": 0.05,
+        "test_mse.conv16": 0.001, "test_mse_std.conv16": 0.0002,
+        "test_sse_per_image.conv16": 0.784, "test_sse_per_image_std.conv16": 0.1568,
+        "pca_mse.conv16": 0.0}.items()}
     assert run.data.tags["details_sha256"] == tracking.sha256_file(files[1])
     assert {a.path for a in client.list_artifacts(run_id)} >= {"headline.json", "metrics",
                                                               "reports"}

@@ -84,6 +84,9 @@ def test_training_is_recorded_in_mlflow(project, mlflow_client):
         assert params["n_train"] == str(TRAIN_LIMIT) and params["train.limit"] == str(TRAIN_LIMIT)
         assert params["optimizer.lr"] == "0.001" and params["device"] == "cpu"
         assert params["replicas"] == "2" and params["kind"] == TINY_MODELS[name]["kind"]
+        # the model's colour in the PNGs, by its place in params.yaml
+        color = tracking.model_color(list(TINY_MODELS).index(name))
+        assert parent.data.tags["mlflow.runColor"] == child.data.tags["mlflow.runColor"] == color
         # the curve (mean and std over replicas per epoch) on the parent: the model's own row
         with open(project.root / "plots/curves" / f"{name}.csv", newline="") as f:
             rows = list(csv.DictReader(f))

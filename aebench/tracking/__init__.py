@@ -39,7 +39,14 @@ from .evaluation import (
 )
 from .models import PIXEL_SCALES, find_logged_model, log_replica_model, sha256_file
 from .registry import register_training, registered_name
-from .runs import end_stale_runs, log_epochs, log_training_curve, replica_run, training_run
+from .runs import (
+    end_stale_runs,
+    log_epochs,
+    log_training_curve,
+    model_color,
+    replica_run,
+    training_run,
+)
 from .store import (
     EXPERIMENT,
     TrackingError,
@@ -54,6 +61,6 @@ from .store import (
 __all__ = ["EXPERIMENT", "PIXEL_SCALES", "TrackingError", "attach_report", "common_tags",
            "end_stale_runs", "eval_dataset", "evaluation_run", "find_logged_model", "git_commit",
            "last_store", "log_artifacts", "log_epochs", "log_evaluation", "log_replica_model",
-           "log_results", "log_training_curve", "open_store", "register_training",
+           "log_results", "log_training_curve", "model_color", "open_store", "register_training",
            "registered_name", "replica_run", "sha256_file", "tracking_uri", "training_run",
            "working_copy_root"]

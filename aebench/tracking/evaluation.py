@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..constants import N_PIXELS
 from .models import find_logged, sha256_file
 from .registry import set_best
-from .runs import active_run, end_stale_runs, quoted, tracked_run
+from .runs import COLOR_TAG, OTHER_COLOR, active_run, end_stale_runs, quoted, tracked_run
 from .store import common_tags
 
 if TYPE_CHECKING:  # mlflow is imported inside the functions: importing it costs seconds
@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # mlflow is imported inside the functions: importing it costs
 
 HEADLINE_TABLE = "headline.json"  # the evaluation run's table: one row per model
 DETAILS_TAG = "details_sha256"    # ties an evaluation run to the details.json it wrote
+EVALUATION_SECTION = "evaluation"  # the prefix of the evaluation run's per-model metrics
 MAX_DESCRIPTION = 8000            # MLflow's longest tag value (the run description is a tag)
 
 @contextmanager
@@ -32,7 +33,7 @@ def evaluation_run(experiment_id: str, name: str = "evaluate",
     replica, log_artifacts the figures. Yields the run id; ends like training_run (stale
     RUNNING runs of the same `name` first)."""
     end_stale_runs(experiment_id, stage=name)
-    run_tags = {**common_tags(), "stage": name, **(tags or {})}
+    run_tags = {**common_tags(), "stage": name, COLOR_TAG: OTHER_COLOR, **(tags or {})}
     with tracked_run(experiment_id, name, run_tags, nested=False) as run_id:
         yield run_id
 
@@ -73,7 +74,8 @@ def log_evaluation(name: str, index: int, weights_sha256: str, metrics: Mapping[
     else:
         train_run = mlflow.MlflowClient().get_run(logged.source_run_id)
         tags.update({"model_id": logged.model_id, "training_run_id": logged.source_run_id,
-                     "training_parent_run_id": train_run.data.tags.get("mlflow.parentRunId", "")})
+                     "training_parent_run_id": train_run.data.tags.get("mlflow.parentRunId", ""),
+                     **{k: v for k, v in train_run.data.tags.items() if k == COLOR_TAG}})
     model_id = logged.model_id if logged else None
     with tracked_run(experiment_id, f"{name}-r{index}-eval", tags, nested=True):
         if dataset is not None:
@@ -95,6 +97,14 @@ def log_artifacts(paths: Sequence[str | Path], artifact_path: str | None = "figu
 def _metric_name(key: str) -> str:
     """A headline key as the replicas' eval runs name it: mse -> test_mse (test_loss stays)."""
     return key if key.startswith("test_") else f"test_{key}"
+
+
+def evaluation_metric(metric: str, name: str) -> str:
+    """The evaluation run's metric `metric` of model `name`: evaluation/test_mse.deep3. One
+    prefix, so the UI's chart view puts them all in one section ("evaluation", which it shows
+    before the unprefixed "Model metrics", the training curves), each metric's models side by
+    side; model-first names would make a section per model."""
+    return f"{EVALUATION_SECTION}/{metric}.{name}"
 
 
 def headline_table(headline: Mapping[str, Mapping[str, Any]],
@@ -125,8 +135,9 @@ def log_results(headline: Mapping[str, Mapping[str, Any]],
                 details: Mapping[str, Mapping[str, Any]], artifacts: Sequence[str | Path],
                 details_file: str | Path) -> None:
     """The evaluation's results on the active evaluation_run, once every replica is logged:
-    per model NAME/test_mse, NAME/test_mse_std, ... (the headline means and stds) and
-    NAME/pca_mse as metrics; the headline table (HEADLINE_TABLE); `artifacts` (files or
+    per model evaluation/test_mse.NAME, evaluation/test_mse_std.NAME, ... (the headline means
+    and stds) and evaluation/pca_mse.NAME as metrics (evaluation_metric); the headline table
+    (HEADLINE_TABLE); `artifacts` (files or
     folders: the metrics files and details.json) under their folder's name; @best of each
     model's registered model (its lowest test MSE replica, from this run's children); last,
     the tag details_sha256 by which attach_report finds this run."""
@@ -137,9 +148,9 @@ def log_results(headline: Mapping[str, Mapping[str, Any]],
     for name, h in headline.items():
         for key, stat in h.items():
             if isinstance(stat, Mapping):
-                metrics[f"{name}/{_metric_name(key)}"] = float(stat["mean"])
-                metrics[f"{name}/{_metric_name(key)}_std"] = float(stat["std"])
-        metrics[f"{name}/pca_mse"] = float(details[name]["pca"]["mse"])
+                metrics[evaluation_metric(_metric_name(key), name)] = float(stat["mean"])
+                metrics[evaluation_metric(f"{_metric_name(key)}_std", name)] = float(stat["std"])
+        metrics[evaluation_metric("pca_mse", name)] = float(details[name]["pca"]["mse"])
     mlflow.log_metrics(metrics)
     mlflow.log_table(headline_table(headline, details), HEADLINE_TABLE)
     for path in map(Path, artifacts):

@@ -13,6 +13,18 @@ from contextlib import contextmanager
 from .store import common_tags
 
 Scalar = str | int | float | bool
+# Each model's runs in the UI's charts take the model's colour, by its place in params.yaml:
+# matplotlib's tab10 (which is vega's category10), as in the PNGs (up to 10 models) and the DVC
+# plots, where MLflow would pick one per run id (often alike). Other runs: dark grey.
+MODEL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                "#7f7f7f", "#bcbd22", "#17becf")
+OTHER_COLOR = "#444444"
+COLOR_TAG = "mlflow.runColor"  # the UI reads a run's colour from this tag
+
+
+def model_color(index: int) -> str:
+    """The colour of the runs of the model at place `index` (from 0) in params.yaml."""
+    return MODEL_COLORS[index % len(MODEL_COLORS)]
 
 
 def _process_tag() -> str:
@@ -110,16 +122,19 @@ def end_stale_runs(experiment_id: str, **tags: str) -> list[str]:
 
 @contextmanager
 def training_run(experiment_id: str, name: str, params: Mapping[str, Scalar],
-                 tags: Mapping[str, str] | None = None) -> Iterator[str]:
+                 tags: Mapping[str, str] | None = None, *,
+                 color: str | None = None) -> Iterator[str]:
     """The parent run of model `name`: its params (flat str -> scalar: config, n_train,
-    device...) and tags (git commit, DVC experiment, model). Yields the run id.
+    device...) and tags (git commit, DVC experiment, model); `color` (model_color) is its and
+    its replicas' colour in the UI. Yields the run id.
 
     Ends stale RUNNING runs of this model first (end_stale_runs); ends KILLED on Ctrl-C or
     SIGTERM, FAILED on an exception, FINISHED otherwise."""
     import mlflow
 
     end_stale_runs(experiment_id, model=name)
-    run_tags = {**common_tags(), "stage": "train", "model": name, **(tags or {})}
+    run_tags = {**common_tags(), "stage": "train", "model": name, **(tags or {}),
+                **({COLOR_TAG: color} if color else {})}
     with tracked_run(experiment_id, name, run_tags, nested=False) as run_id:
         mlflow.log_params(dict(params))
         yield run_id
@@ -136,7 +151,8 @@ def replica_run(name: str, index: int, seed: int,
     parent = active_run(f"replica_run({name!r})", inside)
     if parent.data.tags.get("model") != name:
         raise RuntimeError(f"replica_run({name!r}) must run inside {inside}")
-    tags = {**common_tags(), "stage": "train", "model": name, "replica": str(index)}
+    tags = {**common_tags(), "stage": "train", "model": name, "replica": str(index),
+            **{k: v for k, v in parent.data.tags.items() if k == COLOR_TAG}}
     with tracked_run(parent.info.experiment_id, f"{name}-r{index}", tags, nested=True) as run_id:
         mlflow.log_params({"seed": seed, **(params or {})})
         yield run_id
