@@ -46,5 +46,6 @@ def test_smoke_runs_carry_the_projects_commit_and_a_smoke_tag(monkeypatch):
     monkeypatch.setenv("AEBENCH_GIT_COMMIT", env["AEBENCH_GIT_COMMIT"])
     monkeypatch.setenv("AEBENCH_SMOKE", env["AEBENCH_SMOKE"])
     assert tracking.common_tags() == {"git_commit": tracking.git_commit(REPO),
+                                      "mlflow.source.git.commit": tracking.git_commit(REPO),
                                       "smoke": env["AEBENCH_SMOKE"]}
     assert tracking.git_commit(REPO) != "unknown"

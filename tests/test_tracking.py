@@ -387,6 +387,8 @@ def test_the_evaluation_run_holds_the_results_and_the_report(store, trained, tmp
     assert [a.path for a in client.list_artifacts(run_id, "metrics")] == ["metrics/models.json"]
     table = client.load_table(store[0], "headline.json", run_ids=[run_id])
     assert list(table["model"]) == ["conv16", "deep3"]  # best first
+    assert list(table.columns[:8]) == ["model", "test_mse", "test_mse_std", "latent_dim", "pca_k",
+                                       "pca_mse", "mse_over_pca", "beats_pca"]
     assert list(table["beats_pca"]) == ["n/a (PCA exact)", "yes"]
     assert table["test_loss"].tolist() == [0.001, 0.12]  # conv16's loss is the mse itself
     assert table["mse_over_pca"][1] == pytest.approx(0.6)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..constants import N_PIXELS
+from ..files import rounded
 from .models import find_logged, sha256_file
 from .registry import set_best
 from .runs import COLOR_TAG, OTHER_COLOR, active_run, end_stale_runs, quoted, tracked_run
@@ -109,24 +110,25 @@ def evaluation_metric(metric: str, name: str) -> str:
 
 def headline_table(headline: Mapping[str, Mapping[str, Any]],
                    details: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
-    """One row per model, best (lowest mean test MSE) first: the headline means and stds, n,
-    and PCA at the model's latent size; as columns, for mlflow.log_table."""
+    """One row per model, best (lowest mean test MSE) first: the test MSE, PCA at the model's
+    latent size and whether the model beats it, then n and the other headline means and stds;
+    as columns for mlflow.log_table, numbers at the metrics files' digits."""
     rows = []
     for name, h in headline.items():
         d = details[name]
         pca_k, pca_mse = d["pca"]["k"], d["pca"]["mse"]
         mse = h["mse"]["mean"]
-        row = {"model": name, "latent_dim": d["latent_dim"]}
-        for key in ("mse", "sse_per_image", "test_loss"):
+        exact = pca_k >= N_PIXELS
+        row = {"model": name, "test_mse": mse, "test_mse_std": h["mse"]["std"],
+               "latent_dim": d["latent_dim"], "pca_k": pca_k, "pca_mse": pca_mse,
+               "mse_over_pca": None if exact or not pca_mse else mse / pca_mse,
+               "beats_pca": "n/a (PCA exact)" if exact else ("yes" if mse < pca_mse else "no"),
+               "n": h["n"]}
+        for key in ("sse_per_image", "test_loss"):
             stat = h.get(key) or h["mse"]  # test_loss is left out where it is the mse itself
             row[_metric_name(key)] = stat["mean"]
             row[f"{_metric_name(key)}_std"] = stat["std"]
-        exact = pca_k >= N_PIXELS
-        row.update({"n": h["n"], "pca_k": pca_k, "pca_mse": pca_mse,
-                    "mse_over_pca": None if exact or not pca_mse else mse / pca_mse,
-                    "beats_pca": "n/a (PCA exact)" if exact else ("yes" if mse < pca_mse
-                                                                 else "no")})
-        rows.append(row)
+        rows.append(rounded(row))
     rows.sort(key=lambda r: r["test_mse"])
     return {key: [r[key] for r in rows] for key in rows[0]} if rows else {}
 

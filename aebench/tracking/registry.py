@@ -108,8 +108,9 @@ def _ensure_registered(client, name: str) -> str:
     try:
         client.create_registered_model(registered, tags={"model": name}, description=(
             f"Model `{name}` of aebench (params.yaml `models.{name}`): one version per replica "
-            f"of each training. Aliases: @r0, @r1, ... the replicas of the latest training; "
-            f"@{BEST} the one with the lowest test MSE in the latest evaluation."))
+            f"of each training. Aliases: `@r0`, `@r1`, ... the replicas of the latest training; "
+            f"`@{BEST}` the one with the lowest test MSE in the latest evaluation. Load one with "
+            f"`mlflow.pytorch.load_model(\"models:/{registered_name(name)}@{BEST}\")`."))
     except MlflowException as err:  # a parallel `dvc exp` job created it meanwhile
         if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise

@@ -160,6 +160,8 @@ def common_tags() -> dict[str, str]:
     """Tags of every run: the git commit (the project's, for a `make smoke` run), the DVC
     experiment's name when DVC runs one, and `smoke` (what it shrank) for a smoke run."""
     tags = {"git_commit": os.environ.get(COMMIT_ENV) or git_commit()}
+    if os.environ.get(COMMIT_ENV):  # MLflow's own (the UI's "Source") would be the copy's
+        tags["mlflow.source.git.commit"] = os.environ[COMMIT_ENV]
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     if os.environ.get(SMOKE_ENV):
