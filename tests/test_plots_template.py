@@ -114,6 +114,11 @@ def test_log_y_template_colours_ticks_and_floor():
     # the floor of the PCA PNG, not float noise down to 1e-15
     [floor] = [float(t["filter"].split(">=")[1]) for t in template["transform"] if "filter" in t]
     assert floor == PCA_FLOOR
+    # a line per curve and revision (dashed by revision), and a point at each value: a one-epoch
+    # run (make smoke) has nothing to draw a line between
+    line, point = template["layer"]
+    assert line["mark"]["type"] == "line" and line["encoding"]["strokeDash"]["field"] == "rev"
+    assert point["mark"]["type"] == "point"
 
 
 def test_offline_page_scales_wide_figures_to_its_width():
