@@ -131,7 +131,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
                                          r"\.yaml models\.under30 \(differs in: epochs\)"):
         load_checkpoint(path, "under30", other)
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"weights\.pt: not a valid aebench checkpoint"):
+    with pytest.raises(ValueError, match=r"weights\.pt: not a readable aebench checkpoint"):
         load_checkpoint(path, "under30", cfg)
     with pytest.raises(FileNotFoundError, match=r"'nope'.*dvc repro train@nope"):
         load_checkpoint(tmp_path / "nope" / "weights.pt", "nope")
