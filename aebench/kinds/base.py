@@ -12,7 +12,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..config import Section
+from ..config import MAX_EPOCHS, MAX_REPLICAS, Section
 from ..losses import source_loss
 
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
@@ -22,8 +22,8 @@ LEAKY_SLOPE = 0.3  # Keras's LeakyReLU default (seed 003), not torch's 0.01
 
 class Optimizer(Section):
     name: Literal["adam", "nadam"]
-    lr: float = Field(gt=0)
-    weight_decay: float = Field(ge=0)
+    lr: float = Field(gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(ge=0, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -37,8 +37,8 @@ class ModelConfig(Section):
     optimizer: Optimizer
     loss: Literal["mse", "bce", "half_mse"]
     batch_size: int = Field(ge=1)
-    epochs: int = Field(ge=1)
-    replicas: int | None = Field(default=None, ge=1)  # None: train.replicas
+    epochs: int = Field(ge=1, le=MAX_EPOCHS)
+    replicas: int | None = Field(default=None, ge=1, le=MAX_REPLICAS)  # None: train.replicas
 
     @model_validator(mode="after")
     def _bce_needs_probabilities(self):
