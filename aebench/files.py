@@ -117,7 +117,7 @@ class _Group:
     def __init__(self):
         self.pid = os.getpid()
         self.pending: dict[Path, Path] = {}  # temporary -> output, in order
-        self.temporaries: list[Path] = []    # everything to remove at the end, if still there
+        self.temporaries: dict[Path, Path] = {}  # each one -> its output; all removed at the end
 
     def temporary(self, path: Path, *, folder: bool) -> Path:
         where = temp_folder(path)
@@ -127,7 +127,7 @@ class _Group:
             fd, name = tempfile.mkstemp(dir=where, prefix=f".{path.name}.", suffix=".tmp")
             os.close(fd)
             tmp = Path(name)
-        self.temporaries.append(tmp)
+        self.temporaries[tmp] = path
         return tmp
 
     def inside_temporary(self, path: Path) -> Path | None:
@@ -138,9 +138,9 @@ class _Group:
     def shown(self, path: Path) -> Path:
         """`path` as it will be named once in place (a file inside a temporary folder)."""
         holder = self.inside_temporary(path)
-        if holder is None or holder not in self.pending:
+        if holder is None:
             return path
-        return self.pending[holder] / Path(os.path.abspath(path)).relative_to(holder)
+        return self.temporaries[holder] / Path(os.path.abspath(path)).relative_to(holder)
 
     def put(self, tmp: Path, path: Path) -> None:
         """Rename `tmp` onto `path` when the group ends; at once when `path` is itself inside

@@ -89,14 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{args.dir.resolve()}/mlflow.db"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     code = subprocess.run(["dvc", "repro"], cwd=args.dir, env=env).returncode
-    took = f"in {time.monotonic() - start:.0f} s"
-    summary = args.dir / "reports" / "summary.md"
-    if code == 0:
-        print(f"smoke: done {took}; see {summary}", file=sys.stderr)
-    else:
-        print(f"smoke: FAILED {took} (dvc repro exit {code}; its error is above); the scratch "
-              f"copy is {args.dir}", file=sys.stderr)
+    print(outcome(code, args.dir, time.monotonic() - start), file=sys.stderr)
     return code
+
+
+def outcome(code: int, folder: Path, seconds: float) -> str:
+    """The last line: where the summary is, or (it was not written) that the run failed."""
+    if code == 0:
+        return f"smoke: done in {seconds:.0f} s; see {folder / 'reports' / 'summary.md'}"
+    return (f"smoke: FAILED in {seconds:.0f} s (dvc repro exit {code}; its error is above); the "
+            f"scratch copy is {folder}")
 
 
 if __name__ == "__main__":
