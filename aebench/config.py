@@ -120,6 +120,9 @@ def describe(err: ValidationError, key: str, source: str | Path, skip: int = 0) 
         return f"{source}: {path}: {value!r} is not allowed; unknown key"
     if kind in ("literal_error", "enum"):
         msg = msg.replace("Input should be", "allowed values:").replace("'", "")
+    if kind in ("less_than", "less_than_equal", "greater_than", "greater_than_equal"):
+        (bound,) = first["ctx"].values()  # as Python writes it: 1e+30, not 31 digits
+        msg = f"{msg.rsplit(' ', 1)[0]} {bound}"
     hint = ""
     if isinstance(value, str) and _is_number(value):
         hint = (f" (YAML reads {value} as a string: write it with a dot and a signed exponent, "

@@ -59,7 +59,12 @@ def changed(params, name, key, value):
     (("epochs",), 10**20, ["models.deep3.epochs: 100000000000000000000 ", "less than or equal "
                                                                         "to 100000"]),
     (("replicas",), 101, ["models.deep3.replicas: 101 ", "less than or equal to 100"]),
-    (("optimizer", "lr"), float("inf"), ["models.deep3.optimizer.lr: inf ", "finite number"]),
+    (("optimizer", "lr"), float("inf"), ["models.deep3.optimizer.lr: inf ", "less than or "
+                                                                           "equal to 1e+30"]),
+    (("optimizer", "lr"), 1e300, ["models.deep3.optimizer.lr: 1e+300 ", "less than or equal to "
+                                                                       "1e+30"]),
+    (("optimizer", "weight_decay"), 1e31, ["models.deep3.optimizer.weight_decay: 1e+31 ",
+                                           "less than or equal to 1e+30"]),
     (("typo_key",), 1, ["models.deep3.typo_key: 1 ", "unknown key"]),
 ])
 def test_bad_model_value_names_key_value_and_allowed(params, key, value, expect):

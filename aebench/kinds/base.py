@@ -20,10 +20,15 @@ OptionalActivation = Literal["none", "relu", "leaky_relu", "tanh", "sigmoid"]
 LEAKY_SLOPE = 0.3  # Keras's LeakyReLU default (seed 003), not torch's 0.01
 
 
+# torch turns lr and weight_decay into float32 scalars, scaled first (Adam's first step is
+# lr / (1 - beta1) = 10 lr): far below float32's 3.4e38, or a step fails with an overflow.
+MAX_RATE = 1e30
+
+
 class Optimizer(Section):
     name: Literal["adam", "nadam"]
-    lr: float = Field(gt=0, allow_inf_nan=False)
-    weight_decay: float = Field(ge=0, allow_inf_nan=False)
+    lr: float = Field(gt=0, le=MAX_RATE)
+    weight_decay: float = Field(ge=0, le=MAX_RATE)
 
 
 class ModelConfig(Section):
