@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-from ..files import process_alive
+from ..temporaries import process_alive
 from .store import common_tags, store_errors
 
 Scalar = str | int | float | bool
