@@ -49,10 +49,11 @@ def main(args) -> None:
             mse = headline[name]["mse"]
             print(f"evaluate: {name}: test mse {mse['mean']:.5f} ± {mse['std']:.5f} "
                   f"(n = {len(results)})", file=sys.stderr)
-        files.write_json(args.models_json, headline)
         latents = [d["latent_dim"] for d in details.values()]
-        files.write_json(args.pca_json, pca.headline(curve, latents))
-        files.write_json(args.details_json, details)
+        with files.output_group():  # all three files change, or none
+            files.write_json(args.models_json, headline)
+            files.write_json(args.pca_json, pca.headline(curve, latents))
+            files.write_json(args.details_json, details)
         tracking.log_results(headline, details, [args.models_json, args.pca_json,
                                                  args.details_json], args.details_json)
 

@@ -17,7 +17,7 @@ from ..files import rounded
 from .models import find_logged, sha256_file
 from .registry import set_best
 from .runs import COLOR_TAG, OTHER_COLOR, active_run, end_stale_runs, quoted, tracked_run
-from .store import common_tags
+from .store import common_tags, store_errors
 
 if TYPE_CHECKING:  # mlflow is imported inside the functions: importing it costs seconds
     from mlflow.data.dataset import Dataset
@@ -26,6 +26,7 @@ HEADLINE_TABLE = "headline.json"  # the evaluation run's table: one row per mode
 DETAILS_TAG = "details_sha256"    # ties an evaluation run to the details.json it wrote
 EVALUATION_SECTION = "evaluation"  # the prefix of the evaluation run's per-model metrics
 MAX_DESCRIPTION = 8000            # MLflow's longest tag value (the run description is a tag)
+
 
 @contextmanager
 def evaluation_run(experiment_id: str, name: str = "evaluate",
@@ -73,12 +74,14 @@ def log_evaluation(name: str, index: int, weights_sha256: str, metrics: Mapping[
               "DVC remote, or a fresh mlflow.db?); test metrics go to the evaluation run only",
               file=sys.stderr)
     else:
-        train_run = mlflow.MlflowClient().get_run(logged.source_run_id)
+        with store_errors():
+            train_run = mlflow.MlflowClient().get_run(logged.source_run_id)
         tags.update({"model_id": logged.model_id, "training_run_id": logged.source_run_id,
                      "training_parent_run_id": train_run.data.tags.get("mlflow.parentRunId", ""),
                      **{k: v for k, v in train_run.data.tags.items() if k == COLOR_TAG}})
     model_id = logged.model_id if logged else None
-    with tracked_run(experiment_id, f"{name}-r{index}-eval", tags, nested=True):
+    with tracked_run(experiment_id, f"{name}-r{index}-eval", tags, nested=True), \
+            store_errors():
         if dataset is not None:
             mlflow.log_input(dataset, context="test")
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=model_id,
@@ -91,8 +94,9 @@ def log_artifacts(paths: Sequence[str | Path], artifact_path: str | None = "figu
     import mlflow
 
     active_run("log_artifacts", "evaluation_run(...)")
-    for path in paths:
-        mlflow.log_artifact(str(path), artifact_path)
+    with store_errors():
+        for path in paths:
+            mlflow.log_artifact(str(path), artifact_path)
 
 
 def _metric_name(key: str) -> str:
@@ -133,14 +137,15 @@ def headline_table(headline: Mapping[str, Mapping[str, Any]],
     return {key: [r[key] for r in rows] for key in rows[0]} if rows else {}
 
 
+@store_errors()
 def log_results(headline: Mapping[str, Mapping[str, Any]],
                 details: Mapping[str, Mapping[str, Any]], artifacts: Sequence[str | Path],
                 details_file: str | Path) -> None:
     """The evaluation's results on the active evaluation_run, once every replica is logged:
     per model evaluation/test_mse.NAME, evaluation/test_mse_std.NAME, ... (the headline means
     and stds) and evaluation/pca_mse.NAME as metrics (evaluation_metric); the headline table
-    (HEADLINE_TABLE); `artifacts` (files or
-    folders: the metrics files and details.json) under their folder's name; @best of each
+    (HEADLINE_TABLE); `artifacts` (files or folders: the metrics files and details.json)
+    under their folder's name; @best of each
     model's registered model (its lowest test MSE replica, from this run's children); last,
     the tag details_sha256 by which attach_report finds this run."""
     import mlflow
@@ -183,6 +188,7 @@ def _best_replicas(run_id: str) -> dict[str, str]:
     return {name: sha for name, (_, sha) in best.items()}
 
 
+@store_errors()
 def attach_report(experiment_id: str, details_file: str | Path,
                   report_file: str | Path) -> str | None:
     """Attach the report (reports/summary.md) to the evaluation run that wrote `details_file`

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from .runs import active_run, quoted
+from .store import store_errors
 
 PREFIX = "aebench-"
 BEST = "best"
@@ -29,6 +30,7 @@ def replica_alias(index: int) -> str:
     return f"r{index}"
 
 
+@store_errors()
 def register_training(name: str, model_ids: Sequence[str]) -> list[str]:
     """Register each replica's logged model (`model_ids[i]` is replica i's) as a new version of
     aebench-NAME, then point @r{i} at replica i's version, and drop @best and any @r{j} of a
@@ -66,6 +68,7 @@ def register_training(name: str, model_ids: Sequence[str]) -> list[str]:
     return versions
 
 
+@store_errors()
 def set_best(name: str, weights_sha256: str) -> str | None:
     """Point aebench-NAME@best at the newest version whose weights file has this sha256 (a
     re-run of the same training registers the same bytes again); return it. None, with a

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .store import EXPERIMENT, TrackingError, last_store, sqlite_path
+from .store import EXPERIMENT, TrackingError, last_store, sqlite_path, store_errors
 
 HOST = "127.0.0.1"
 # MLflow 3's UI shows its GenAI views unless told otherwise; a run page opened from the runs
@@ -45,6 +45,15 @@ def runs_address(port: int, experiment_id: str | None) -> str:
     return f"{base}/{experiment_id}/runs?{WORKFLOW}" if experiment_id else f"{base}?{WORKFLOW}"
 
 
+@store_errors()
+def _experiment_id(uri: str) -> str | None:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    return experiment.experiment_id if experiment else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make ui", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,14 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         uri = store_uri(args.store)
+        experiment_id = _experiment_id(uri)
     except TrackingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else None
     path = sqlite_path(uri)
     print(f"MLflow store: {uri}" + ("" if args.store else " (the last run's; make ui STORE=... "
                                     "for another)"))
