@@ -133,12 +133,17 @@ def test_every_model_is_trained_evaluated_and_recorded(repos):
                             ("aebench-conv16", "best")}
     best = min((r["mse"], i) for i, r in enumerate(details["under30"]["replicas"]))[1]
     assert aliases[("aebench-under30", "best")] == aliases[("aebench-under30", f"r{best}")]
-    # the evaluate run holds the headline and, from the report stage, the report
-    evaluate = {k: v for k, v in db.execute(
-        "select m.key, m.value from latest_metrics m join runs r on m.run_uuid = r.run_uuid "
-        "where r.name = 'evaluate'")}
-    assert evaluate["evaluation/test_mse.under30"] == \
+    # the evaluate run holds the headline (a child per model) and, from the report stage, the
+    # report; each training run the final test MSE, the curve's last row
+    def latest(run):
+        return dict(db.execute("select m.key, m.value from latest_metrics m join runs r on "
+                               "m.run_uuid = r.run_uuid where r.name = ?", (run,)))
+
+    assert latest("under30-eval")["test_mse"] == \
         pytest.approx(headline["under30"]["mse"]["mean"], rel=1e-5)
+    last = dict(zip(curve[0].split(","), map(float, curve[-1].split(",")), strict=True))
+    assert latest("under30")["final/test_mse"] == last["test_mse"]
+    assert latest("under30")["final/test_mse_std"] == last["test_mse_std"]
     (note,) = db.execute("select t.value from tags t join runs r on t.run_uuid = r.run_uuid "
                          "where r.name = 'evaluate' and t.key = 'mlflow.note.content'").fetchone()
     assert note.endswith(report)

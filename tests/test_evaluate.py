@@ -85,7 +85,8 @@ def test_metrics_reach_mlflow_attached_to_the_logged_models(project, mlflow_clie
     children = client.search_runs(
         [experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_name = {run.info.run_name: run for run in children}
-    assert set(by_name) == {f"{n}-r{i}-eval" for n in TINY_MODELS for i in range(2)}
+    assert set(by_name) == {f"{n}-r{i}-eval" for n in TINY_MODELS for i in range(2)} | \
+        {f"{n}-eval" for n in TINY_MODELS}  # and one per model, its headline
     for name in TINY_MODELS:
         for i in range(2):
             run = by_name[f"{name}-r{i}-eval"]
@@ -109,21 +110,24 @@ def test_the_evaluate_run_holds_the_headline_and_sets_best(project_copy, mlflow_
                                    order_by=["attributes.start_time DESC"])
     assert run.data.tags["details_sha256"] == \
         tracking.sha256_file(project_copy / "reports/details.json")
+    assert run.data.metrics == {}  # the headline is on a child per model, NAME-eval
+    models = {r.info.run_name: r for r in client.search_runs(
+        [experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}
     for name in TINY_MODELS:
-        assert run.data.metrics[f"evaluation/test_mse.{name}"] == \
-            pytest.approx(headline[name]["mse"]["mean"], rel=1e-5)
-        assert run.data.metrics[f"evaluation/test_mse_std.{name}"] == \
-            pytest.approx(headline[name]["mse"]["std"], rel=1e-5)
-        assert run.data.metrics[f"evaluation/pca_mse.{name}"] == \
-            pytest.approx(details[name]["pca"]["mse"], rel=1e-5)
+        metrics = models[f"{name}-eval"].data.metrics
+        assert metrics["test_mse"] == pytest.approx(headline[name]["mse"]["mean"], rel=1e-5)
+        assert metrics["test_mse_std"] == pytest.approx(headline[name]["mse"]["std"], rel=1e-5)
+        assert metrics["pca_mse"] == pytest.approx(details[name]["pca"]["mse"], rel=1e-5)
+        assert models[f"{name}-eval"].data.tags["mlflow.runColor"] == \
+            models[f"{name}-r0-eval"].data.tags["mlflow.runColor"]  # the model's colour
         # @best: the version of the checkpoint with the lowest test mse
         mses = [r["mse"] for r in details[name]["replicas"]]
         best = mses.index(min(mses))
         version = client.get_model_version_by_alias(f"aebench-{name}", "best")
         assert version.tags["weights_sha256"] == tracking.sha256_file(
             project_copy / f"data/models/{name}/r{best}.pt")
-    assert "evaluation/test_loss.deep3" in run.data.metrics
-    assert "evaluation/test_loss.convnoisy" not in run.data.metrics  # mse on [0,1]: the mse
+    assert "test_loss" in models["deep3-eval"].data.metrics
+    assert "test_loss" not in models["convnoisy-eval"].data.metrics  # mse on [0,1]: the mse
     assert [a.path for a in client.list_artifacts(run.info.run_id, "metrics")] == \
         ["metrics/models.json", "metrics/pca.json"]
     table = client.load_table(experiment, "headline.json", run_ids=[run.info.run_id])

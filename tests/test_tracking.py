@@ -3,6 +3,7 @@ seconds), with a tiny autoencoder that has encode / decode / latent_dim like the
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -174,10 +175,16 @@ def test_training_is_one_parent_run_with_one_child_per_replica(store, trained):
     assert parent.data.tags["mlflow.runColor"] == "#1f77b4"  # the UI's colour of its runs
     # the results over replicas, per epoch, on the parent: its row and curve in the UI (counts
     # and sizes are params, not metrics)
-    assert parent.data.metrics == {k: v for k, v in CURVE[-1].items() if k != "epoch"}
+    # and the final test MSE and its std, at the CSV's 6 digits, as one value at step 0: the
+    # chart view draws a bar chart of them, in the section "final", before the curves
+    assert parent.data.metrics == {**{k: v for k, v in CURVE[-1].items() if k != "epoch"},
+                                   "final/test_mse": 0.166667, "final/test_mse_std": 0.03}
     for key in ("test_mse", "test_mse_std", "train_loss", "train_loss_std"):
         history = client.get_metric_history(trained["parent"], key)
         assert [(m.step, m.value) for m in history] == [(r["epoch"], r[key]) for r in CURVE]
+    for key, value in (("final/test_mse", 0.166667), ("final/test_mse_std", 0.03)):
+        assert [(m.step, m.value) for m in client.get_metric_history(trained["parent"], key)] \
+            == [(0, value)]
 
     children = client.search_runs(
         [store[0]], f"tags.mlflow.parentRunId = '{trained['parent']}'",
@@ -374,13 +381,24 @@ def test_the_evaluation_run_holds_the_results_and_the_report(store, trained, tmp
             tracking.log_evaluation("deep3", i, sha("deep3", i), {"test_mse": mse})
         tracking.log_results(HEADLINE, DETAILS, files, files[1])
     run = client.get_run(run_id)
-    assert run.data.metrics == {f"evaluation/{key}": value for key, value in {
-        "test_mse.deep3": 0.03, "test_mse_std.deep3": 0.001, "test_sse_per_image.deep3": 23.52,
-        "test_sse_per_image_std.deep3": 0.784, "test_loss.deep3": 0.12,
-        "test_loss_std.deep3": 0.004, "pca_mse.deep3": 0.05,
-        "test_mse.conv16": 0.001, "test_mse_std.conv16": 0.0002,
-        "test_sse_per_image.conv16": 0.784, "test_sse_per_image_std.conv16": 0.1568,
-        "pca_mse.conv16": 0.0}.items()}
+    # the headline per model on a child NAME-eval in the model's colour, under its replicas'
+    # names; none on the run itself (it would make chart rows above the training curves)
+    assert run.data.metrics == {}
+    children = {r.info.run_name: r for r in client.search_runs(
+        [store[0]], f"tags.mlflow.parentRunId = '{run_id}'")}
+    assert set(children) == {"deep3-r0-eval", "deep3-r1-eval", "deep3-eval", "conv16-eval"}
+    assert children["deep3-eval"].data.metrics == {
+        "test_mse": 0.03, "test_mse_std": 0.001, "test_sse_per_image": 23.52,
+        "test_sse_per_image_std": 0.784, "test_loss": 0.12, "test_loss_std": 0.004,
+        "pca_mse": 0.05}
+    assert children["conv16-eval"].data.metrics == {
+        "test_mse": 0.001, "test_mse_std": 0.0002, "test_sse_per_image": 0.784,
+        "test_sse_per_image_std": 0.1568, "pca_mse": 0.0}
+    deep3 = children["deep3-eval"].data.tags
+    assert (deep3["model"], deep3["replicas"], deep3["stage"]) == ("deep3", "2", "evaluate")
+    assert deep3["mlflow.runColor"] == "#1f77b4"  # its replicas' colour
+    assert "mlflow.runColor" not in children["conv16-eval"].data.tags  # no replica logged
+    assert {r.info.status for r in children.values()} == {"FINISHED"}
     assert run.data.tags["details_sha256"] == tracking.sha256_file(files[1])
     assert {a.path for a in client.list_artifacts(run_id)} >= {"headline.json", "metrics",
                                                               "reports"}
@@ -550,9 +568,14 @@ def test_make_ui_opens_the_last_runs_store_in_the_model_training_view(store, tmp
     ui.main(["--port", "5001"])
     out = capsys.readouterr().out
     assert f"MLflow store: {smoke_store} (the last run's" in out
-    assert (f"open http://127.0.0.1:5001/#/experiments/{store[0]}/runs"
-            "?workflowType=machine_learning") in out
+    runs = f"http://127.0.0.1:5001/#/experiments/{store[0]}/runs"
+    assert f"Models, best first: {runs}?viewStateShareKey=aebench-models&workflowType=" \
+        "machine_learning\n" in out
+    assert f"as charts: {runs}?viewStateShareKey=aebench-models&compareRunsMode=CHART&" \
+        "workflowType=machine_learning\n" in out
+    assert f"all runs: {runs}?workflowType=machine_learning\n" in out
     assert "Model training" in out
+    assert "mlflow.sharedViewState.aebench-models" in mlflow.get_experiment(store[0]).tags
     [args] = ran
     assert args[1:] == ["ui", "--backend-store-uri", smoke_store, "--host", "127.0.0.1",
                         "--port", "5001"]
@@ -561,3 +584,42 @@ def test_make_ui_opens_the_last_runs_store_in_the_model_training_view(store, tmp
     assert ran[-1][3] == smoke_store
     assert ui.main([str(tmp_path / "nowhere")]) == 1
     assert "STORE=" in capsys.readouterr().err
+
+
+def test_the_saved_view_lists_the_models_best_first(store, trained):
+    from aebench.tracking import ui
+
+    with tracking.training_run(store[0], "better", {}):  # a lower final test MSE than deep3's
+        tracking.log_training_curve([{**CURVE[0], "test_mse": 0.0123456789}])
+    ui.save_models_view(store[0])
+    envelope = json.loads(mlflow.get_experiment(store[0]).tags[
+        "mlflow.sharedViewState.aebench-models"])
+    assert envelope["name"] == "Models, best first" and isinstance(envelope["createdAt"], int)
+    state = json.loads(envelope["state"])
+    assert state["selectedColumns"][:2] == ["metrics.`final/test_mse`",
+                                            "metrics.`final/test_mse_std`"]
+    assert state["orderByAsc"] is True and state["runsHiddenMode"] == "SHOW_ALL"
+    # the page's search, as the UI sends it (order by KEY ASC): the models' training runs only,
+    # without replicas or evaluations, lowest final test MSE first
+    runs = mlflow.MlflowClient().search_runs([store[0]], state["searchFilter"],
+                                             order_by=[f"{state['orderByKey']} ASC"])
+    names = [r.info.run_name for r in runs]
+    assert names[0] == "better" and "deep3" in names
+    assert all(r.data.tags["stage"] == "train" and "mlflow.parentRunId" not in r.data.tags
+               for r in runs)
+    finals = [r.data.metrics["final/test_mse"] for r in runs]
+    assert finals[0] == 0.0123457 and finals == sorted(finals)
+
+
+def test_the_installed_mlflow_ui_reads_what_make_ui_writes():
+    """The names make ui relies on are in the installed MLflow UI's code (its JS bundle): the
+    saved views' tag and address parameter, the other address parameters, the view's keys,
+    and the chart view's unprefixed section. A newer MLflow that renames one fails here: then
+    check the screens again (docs/mlflow.md)."""
+    from aebench.tracking import ui
+
+    bundle = Path(mlflow.__file__).parent / "server/js/build/static/js"
+    code = "".join(p.read_text(errors="replace") for p in bundle.glob("*.js"))
+    names = [ui.VIEW_TAG_PREFIX, ui.VIEW_KEY, *ui.CHART_MODE, *ui.WORKFLOW, *ui.models_view(),
+             ui.models_view()["runsHiddenMode"], "Model metrics"]
+    assert [n for n in names if n not in code] == []

@@ -98,6 +98,11 @@ def test_training_is_recorded_in_mlflow(project, mlflow_client):
             assert [m.step for m in history] == [1, 2]
             assert [m.value for m in history] == \
                 pytest.approx([float(r[key]) for r in rows], rel=1e-5)
+        # and the last row's test MSE and its std as they are in the CSV, one value at step 0:
+        # the bar chart that opens the UI's chart view
+        for key in ("test_mse", "test_mse_std"):
+            (final,) = mlflow_client.get_metric_history(parent.info.run_id, f"final/{key}")
+            assert (final.step, final.value) == (0, float(rows[-1][key]))
 
 
 def test_each_replica_is_a_version_with_an_alias(project, mlflow_client):

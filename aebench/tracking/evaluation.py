@@ -1,7 +1,7 @@
 """Evaluation records: a run per evaluation, a child per replica whose metrics attach to the
-replica's logged model and the test dataset; on the run itself the headline metrics, the
-headline table, the metrics files and details, and (from the report stage) the report; the
-figures as artifacts of a `figures` run."""
+replica's logged model and the test dataset, and a child per model with its headline (mean and
+std over replicas); on the run itself the headline table, the metrics files and details, and
+(from the report stage) the report; the figures as artifacts of a `figures` run."""
 
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ if TYPE_CHECKING:  # mlflow is imported inside the functions: importing it costs
 
 HEADLINE_TABLE = "headline.json"  # the evaluation run's table: one row per model
 DETAILS_TAG = "details_sha256"    # ties an evaluation run to the details.json it wrote
-EVALUATION_SECTION = "evaluation"  # the prefix of the evaluation run's per-model metrics
 MAX_DESCRIPTION = 8000            # MLflow's longest tag value (the run description is a tag)
 
 
@@ -104,12 +103,10 @@ def _metric_name(key: str) -> str:
     return key if key.startswith("test_") else f"test_{key}"
 
 
-def evaluation_metric(metric: str, name: str) -> str:
-    """The evaluation run's metric `metric` of model `name`: evaluation/test_mse.deep3. One
-    prefix, so the UI's chart view puts them all in one section ("evaluation", which it shows
-    before the unprefixed "Model metrics", the training curves), each metric's models side by
-    side; model-first names would make a section per model."""
-    return f"{EVALUATION_SECTION}/{metric}.{name}"
+def model_evaluation_name(name: str) -> str:
+    """The evaluation run's child that holds model `name`'s headline: deep3-eval (its replicas'
+    are deep3-r0-eval, ...)."""
+    return f"{name}-eval"
 
 
 def headline_table(headline: Mapping[str, Mapping[str, Any]],
@@ -142,43 +139,60 @@ def log_results(headline: Mapping[str, Mapping[str, Any]],
                 details: Mapping[str, Mapping[str, Any]], artifacts: Sequence[str | Path],
                 details_file: str | Path) -> None:
     """The evaluation's results on the active evaluation_run, once every replica is logged:
-    per model evaluation/test_mse.NAME, evaluation/test_mse_std.NAME, ... (the headline means
-    and stds) and evaluation/pca_mse.NAME as metrics (evaluation_metric); the headline table
-    (HEADLINE_TABLE); `artifacts` (files or folders: the metrics files and details.json)
-    under their folder's name; @best of each
-    model's registered model (its lowest test MSE replica, from this run's children); last,
-    the tag details_sha256 by which attach_report finds this run."""
+    per model a child run NAME-eval (model_evaluation_name) in the model's colour with the
+    headline means and stds under the names its replicas' runs use (test_mse, test_mse_std,
+    test_sse_per_image, ..., and pca_mse); the headline table (HEADLINE_TABLE); `artifacts`
+    (files or folders: the metrics files and details.json) under their folder's name; @best of
+    each model's registered model (its lowest test MSE replica, from this run's children);
+    last, the tag details_sha256 by which attach_report finds this run.
+
+    The headline goes to children, not to this run: MLflow's chart view draws a chart per
+    metric key of every visible run, this one included, in sections that come before the
+    training curves, and per-model keys on one run are single-bar charts. As runs, the models
+    compare in one bar chart per metric once this run is expanded, and the chart view opens on
+    the training runs' final test MSE and curves (runs.FINAL_METRICS)."""
     import mlflow
 
     run = active_run("log_results", "evaluation_run(...)")
-    metrics = {}
+    replicas = _replica_evaluations(run.info.run_id)
+    tags = {**common_tags(), "stage": run.data.tags.get("stage", "evaluate")}
     for name, h in headline.items():
+        metrics = {"pca_mse": float(details[name]["pca"]["mse"])}
         for key, stat in h.items():
             if isinstance(stat, Mapping):
-                metrics[evaluation_metric(_metric_name(key), name)] = float(stat["mean"])
-                metrics[evaluation_metric(f"{_metric_name(key)}_std", name)] = float(stat["std"])
-        metrics[evaluation_metric("pca_mse", name)] = float(details[name]["pca"]["mse"])
-    mlflow.log_metrics(metrics)
+                metrics[_metric_name(key)] = float(stat["mean"])
+                metrics[f"{_metric_name(key)}_std"] = float(stat["std"])
+        color = next((r.data.tags[COLOR_TAG] for r in replicas
+                      if r.data.tags.get("model") == name and COLOR_TAG in r.data.tags), None)
+        model_tags = {**tags, "model": name, "replicas": str(h["n"]),
+                      **({COLOR_TAG: color} if color else {})}
+        with tracked_run(run.info.experiment_id, model_evaluation_name(name), model_tags,
+                         nested=True):
+            mlflow.log_metrics(metrics)
     mlflow.log_table(headline_table(headline, details), HEADLINE_TABLE)
     for path in map(Path, artifacts):
         if path.is_dir():
             mlflow.log_artifacts(str(path), path.name)
         else:
             mlflow.log_artifact(str(path), path.parent.name or None)
-    for name, weights_sha256 in _best_replicas(run.info.run_id).items():
+    for name, weights_sha256 in _best_replicas(replicas).items():
         set_best(name, weights_sha256)
     mlflow.set_tag(DETAILS_TAG, sha256_file(details_file))
 
 
-def _best_replicas(run_id: str) -> dict[str, str]:
-    """{model: weights sha256} of each model's lowest test_mse replica among the evaluation's
-    children."""
+def _replica_evaluations(run_id: str) -> list:
+    """The evaluation run's children so far: one per evaluated replica (log_evaluation)."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    children = client.search_runs([client.get_run(run_id).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = {quoted(run_id)}",
-                                  max_results=10_000)
+    return client.search_runs([client.get_run(run_id).info.experiment_id],
+                              f"tags.mlflow.parentRunId = {quoted(run_id)}",
+                              max_results=10_000)
+
+
+def _best_replicas(children: Sequence) -> dict[str, str]:
+    """{model: weights sha256} of each model's lowest test_mse replica among an evaluation's
+    replica children."""
     best: dict[str, tuple[float, str]] = {}
     for child in children:
         name, sha = child.data.tags.get("model"), child.data.tags.get("weights_sha256")

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
+from ..files import rounded
 from ..temporaries import process_alive
 from .store import common_tags, store_errors
 
@@ -21,6 +22,21 @@ MODEL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"
                 "#7f7f7f", "#bcbd22", "#17becf")
 OTHER_COLOR = "#444444"
 COLOR_TAG = "mlflow.runColor"  # the UI reads a run's colour from this tag
+# A model's final values on its training run, as single-step metrics (step 0) named
+# final/KEY. MLflow's chart view (3.17) draws a bar chart for a metric whose runs all hold it
+# at step 0 (a line chart once one has a step >= 1), makes a section of each key prefix before
+# the "/", and puts the prefixed sections, sorted by name, before the unprefixed "Model
+# metrics" (the per-epoch curves): so "final" opens the chart view, one bar per model in its
+# colour, and the curves follow. Only the test MSE: it is on one scale for every model (the
+# training loss is each source's own loss, on its own pixel scale: bars of it would compare
+# unlike things).
+FINAL_SECTION = "final"
+FINAL_METRICS = ("test_mse", "test_mse_std")
+
+
+def final_metric(key: str) -> str:
+    """The training run's final value of `key`: final/test_mse."""
+    return f"{FINAL_SECTION}/{key}"
 
 
 def model_color(index: int) -> str:
@@ -167,15 +183,28 @@ def log_epochs(epochs: Sequence[Mapping[str, float]],
         mlflow.MlflowClient().log_batch(run.info.run_id, metrics=metrics)
 
 
-
 def log_training_curve(rows: Sequence[Mapping[str, float]]) -> None:
     """The model's results on its training run, after every replica has finished: per epoch
     (step = epoch) the mean and std over replicas of each metric in `rows` (the rows of
     plots/curves/NAME.csv: test_mse, test_mse_std, train_loss, train_loss_std), so the runs
     table shows each model's final values on its own row and the chart view one curve per
-    model, without expanding the replicas."""
+    model, without expanding the replicas; and the last epoch's test MSE and its std as
+    final/test_mse and final/test_mse_std (FINAL_METRICS, at step 0, at the CSV's digits), the
+    bar chart that opens the chart view."""
+    import mlflow
+    from mlflow.entities import Metric
+
     run = active_run("log_training_curve", "training_run(...)")
     if run.data.tags.get("stage") != "train" or "mlflow.parentRunId" in run.data.tags:
         raise RuntimeError("log_training_curve must run inside training_run(...), after the "
                            "replica runs have ended")
+    if not rows:
+        raise ValueError("log_training_curve: no epochs")
     log_epochs(rows)
+    now = int(time.time() * 1000)
+    last = {key: float(rows[-1][key]) for key in FINAL_METRICS}
+    # at the CSV's digits; a nan or inf (which rounded() makes None) as it is
+    final = [Metric(final_metric(key), value if rounded(value) is None else rounded(value),
+                    now, 0) for key, value in last.items()]
+    with store_errors():
+        mlflow.MlflowClient().log_batch(run.info.run_id, metrics=final)

@@ -5,23 +5,39 @@
 Without STORE: the store the working copy's last run wrote (`.mlflow-last-store`: after
 `make smoke` that is .smoke/mlflow.db, after `dvc repro` the working copy's mlflow.db;
 $MLFLOW_TRACKING_URI when set). STORE is a folder holding mlflow.db, a .db file, or a URI.
-Prints the store and the address of the experiment's runs in the "Model training" view, then
-runs `mlflow ui` on it.
+Saves the view "Models, best first" in the experiment (the model runs sorted by final test MSE,
+with its column), prints the store and the addresses of that view as a table and as charts and
+of all runs, in the "Model training" view, then runs `mlflow ui` on it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
+from urllib.parse import urlencode
 
+from .runs import final_metric
 from .store import EXPERIMENT, TrackingError, last_store, sqlite_path, store_errors
 
 HOST = "127.0.0.1"
 # MLflow 3's UI shows its GenAI views unless told otherwise; a run page opened from the runs
 # list can still fall back to them (upstream): clicking "Model training" once switches back.
-WORKFLOW = "workflowType=machine_learning"
+WORKFLOW = {"workflowType": "machine_learning"}
+# MLflow's saved views (3.15+, "Views" on the runs page): an experiment tag
+# VIEW_TAG_PREFIX + id holding {"name", "createdAt", "state"}, where state is the JSON of the
+# page's search (searchFilter, orderByKey, orderByAsc: the parameters the runs page also reads
+# from its address) and table settings (selectedColumns, runsHiddenMode); the page opens one
+# by the address parameter viewStateShareKey=id. An address alone can sort and filter but not
+# show a column: the saved view does both.
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+VIEW_KEY = "viewStateShareKey"
+VIEW_ID = "aebench-models"
+VIEW_NAME = "Models, best first"
+CHART_MODE = {"compareRunsMode": "CHART"}  # the runs page's chart view
 
 
 def store_uri(store: str | None = None) -> str:
@@ -38,11 +54,44 @@ def store_uri(store: str | None = None) -> str:
     return f"sqlite:///{path}"
 
 
-def runs_address(port: int, experiment_id: str | None) -> str:
+def column(kind: str, key: str) -> str:
+    """A runs-table column, and sort key, as the UI names it: metrics.`final/test_mse`."""
+    return f"{kind}.`{key}`"
+
+
+def models_view() -> dict:
+    """The saved view's state: the training runs of the models (the runs that have a final
+    test MSE), lowest final test MSE first, with it, its std, the latent size and the parameter
+    count as columns; every run drawn in the charts (not only the first 10)."""
+    mse = column("metrics", final_metric("test_mse"))
+    return {"searchFilter": f"{mse} >= 0", "orderByKey": mse, "orderByAsc": True,
+            "selectedColumns": [mse, column("metrics", final_metric("test_mse_std")),
+                                column("params", "latent_dim"), column("params", "n_params")],
+            "runsHiddenMode": "SHOW_ALL"}
+
+
+@store_errors()
+def save_models_view(experiment_id: str) -> None:
+    """Save (or refresh) the view VIEW_NAME in the experiment, for runs_address(view=True)."""
+    import mlflow
+
+    envelope = {"name": VIEW_NAME, "createdAt": int(time.time() * 1000),
+                "state": json.dumps(models_view())}
+    mlflow.MlflowClient().set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + VIEW_ID,
+                                             json.dumps(envelope))
+
+
+def runs_address(port: int, experiment_id: str | None, *, view: bool = False,
+                 charts: bool = False) -> str:
     """The UI's list of the experiment's runs in the Model training view (the experiments
-    list when the store has no such experiment yet)."""
+    list when the store has no such experiment yet): as saved in the view "Models, best first"
+    when `view`, as charts when `charts`."""
     base = f"http://{HOST}:{port}/#/experiments"
-    return f"{base}/{experiment_id}/runs?{WORKFLOW}" if experiment_id else f"{base}?{WORKFLOW}"
+    if not experiment_id:
+        return f"{base}?{urlencode(WORKFLOW)}"
+    query = {**({VIEW_KEY: VIEW_ID} if view else {}), **(CHART_MODE if charts else {}),
+             **WORKFLOW}
+    return f"{base}/{experiment_id}/runs?{urlencode(query)}"
 
 
 @store_errors()
@@ -72,7 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     if path is None:
         print(f"not a local store: open its server's own UI, {uri}")
         return 0
-    print(f"open {runs_address(args.port, experiment_id)}")
+    if experiment_id:
+        try:
+            save_models_view(experiment_id)
+        except TrackingError as err:  # a store it cannot write to: the plain list still opens
+            print(f"warning: the view {VIEW_NAME!r} is not saved: {err}", file=sys.stderr)
+        else:
+            print(f"{VIEW_NAME}: {runs_address(args.port, experiment_id, view=True)}")
+            print(f"  as charts: {runs_address(args.port, experiment_id, view=True, charts=True)}")
+    print(f"all runs: {runs_address(args.port, experiment_id)}")
     print('(a page that opens in the GenAI view: click "Model training" at the top left once)')
     sys.stdout.flush()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
