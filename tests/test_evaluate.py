@@ -111,6 +111,7 @@ def test_the_evaluate_run_holds_the_headline_and_sets_best(project_copy, mlflow_
     assert run.data.tags["details_sha256"] == \
         tracking.sha256_file(project_copy / "reports/details.json")
     assert run.data.metrics == {}  # the headline is on a child per model, NAME-eval
+    assert run.data.tags["best_model"] == min(headline, key=lambda n: headline[n]["mse"]["mean"])
     models = {r.info.run_name: r for r in client.search_runs(
         [experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}'")}
     for name in TINY_MODELS:

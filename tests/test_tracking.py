@@ -400,6 +400,7 @@ def test_the_evaluation_run_holds_the_results_and_the_report(store, trained, tmp
     assert "mlflow.runColor" not in children["conv16-eval"].data.tags  # no replica logged
     assert {r.info.status for r in children.values()} == {"FINISHED"}
     assert run.data.tags["details_sha256"] == tracking.sha256_file(files[1])
+    assert run.data.tags["best_model"] == "conv16"  # the lowest mean test MSE
     assert {a.path for a in client.list_artifacts(run_id)} >= {"headline.json", "metrics",
                                                               "reports"}
     assert [a.path for a in client.list_artifacts(run_id, "metrics")] == ["metrics/models.json"]

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # mlflow is imported inside the functions: importing it costs
 
 HEADLINE_TABLE = "headline.json"  # the evaluation run's table: one row per model
 DETAILS_TAG = "details_sha256"    # ties an evaluation run to the details.json it wrote
+BEST_TAG = "best_model"           # the model with the lowest mean test MSE (the run page's Tags)
 MAX_DESCRIPTION = 8000            # MLflow's longest tag value (the run description is a tag)
 
 
@@ -143,8 +144,9 @@ def log_results(headline: Mapping[str, Mapping[str, Any]],
     headline means and stds under the names its replicas' runs use (test_mse, test_mse_std,
     test_sse_per_image, ..., and pca_mse); the headline table (HEADLINE_TABLE); `artifacts`
     (files or folders: the metrics files and details.json) under their folder's name; @best of
-    each model's registered model (its lowest test MSE replica, from this run's children);
-    last, the tag details_sha256 by which attach_report finds this run.
+    each model's registered model (its lowest test MSE replica, from this run's children); the
+    tag best_model (BEST_TAG: the lowest mean test MSE); last, the tag details_sha256 by which
+    attach_report finds this run.
 
     The headline goes to children, not to this run: MLflow's chart view draws a chart per
     metric key of every visible run, this one included, in sections that come before the
@@ -177,6 +179,8 @@ def log_results(headline: Mapping[str, Mapping[str, Any]],
             mlflow.log_artifact(str(path), path.parent.name or None)
     for name, weights_sha256 in _best_replicas(replicas).items():
         set_best(name, weights_sha256)
+    if headline:
+        mlflow.set_tag(BEST_TAG, min(headline, key=lambda name: headline[name]["mse"]["mean"]))
     mlflow.set_tag(DETAILS_TAG, sha256_file(details_file))
 
 
@@ -227,7 +231,7 @@ def attach_report(experiment_id: str, details_file: str | Path,
     text = report_file.read_text()
     note = (f"The report of this evaluation ({report_file.parent.name}/{report_file.name}, also "
             "under Artifacts); its figure links point into the repository, the PNGs are in the "
-            "`figures` run.\n\n")
+            "`figures` run. Each model's headline is also its child run NAME-eval.\n\n")
     if len(note) + len(text) <= MAX_DESCRIPTION:
         client.set_tag(run_id, "mlflow.note.content", note + text)
     return run_id
