@@ -24,7 +24,7 @@ import yaml
 
 from . import stats
 from .compare import alpha_arg, compare, render
-from .revisions import WORKSPACE, BadInput, load
+from .revisions import WORKSPACE, BadInput, Side, load
 
 TRAIN = "train"  # dvc.yaml's foreach stage: train@<model> writes that model's weights
 HELP = """\
@@ -127,22 +127,50 @@ def rerun_stages(root: Path, stages: list[str]) -> dict[str, float]:
     return seconds
 
 
+def lock_differences(new_lock: dict, head_lock: dict, stages) -> tuple[dict, dict]:
+    """({stage: outs that differ}, {stage: deps, params or cmd that differ}) of the re-run's
+    dvc.lock against the committed one. A dep that is a re-run output which differs is that
+    output's story, not a stale dvc.lock."""
+    differ = {s: differing(new_lock.get(s, {}), head_lock.get(s, {}), "outs") for s in stages}
+    differ = {s: outs for s, outs in differ.items() if outs}
+    produced = {p for paths in differ.values() for p in paths}
+    stale = {}
+    for stage in stages:
+        new, old = new_lock.get(stage, {}), head_lock.get(stage, {})
+        found = [p for p in differing(new, old, "deps") if p not in produced]
+        found += differing(new, old, "params") + (["cmd"] if new.get("cmd") != old.get("cmd")
+                                                  else [])
+        if found:
+            stale[stage] = found
+    return differ, stale
+
+
+def noise_problems(committed: Side, rerun: Side, retrained: list[str],
+                   alpha: float) -> list[str]:
+    """Why the committed results are not the re-run's within seed noise, where the weights of
+    `retrained` came out different: every other model must be bit-identical, and each of these
+    within seed noise (Welch: unpaired on purpose, see docs/compare.md) without a spread flag."""
+    problems = []
+    for r in compare(committed, rerun, alpha, paired=False):
+        if r.model not in retrained and r.verdict != "identical":
+            problems.append(f"{r.model}: its weights are byte-identical but its metrics differ "
+                            f"({committed.files.get(r.model, r.model)})")
+        elif r.model in retrained and (r.verdict not in ("identical", "within noise")
+                                       or r.spread):
+            verdict = r.verdict + (f"; {r.spread}" if r.spread else "")
+            problems.append(f"{r.model}: retrained, and the committed metrics are not within "
+                            f"seed noise of the re-run ({verdict})")
+    return problems
+
+
 def verify(root: Path, rerun: Rerun, head_lock: dict, exact: bool, alpha: float) -> None:
     """Fill rerun.differ / stale / problems / note from the re-run's dvc.lock."""
     new_lock = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages", {})
-    for stage in rerun.stages:
-        new, old = new_lock.get(stage, {}), head_lock.get(stage, {})
-        if differing(new, old, "outs"):
-            rerun.differ[stage] = differing(new, old, "outs")
-        stale = differing(new, old, "deps") + differing(new, old, "params")
-        if stale or new.get("cmd") != old.get("cmd"):
-            rerun.stale[stage] = stale or ["cmd"]
-    for stage, paths in rerun.stale.items():
-        rerun.problems.append(f"dvc.lock of `{stage}` is out of date ({', '.join(paths)}): "
-                              "run `dvc repro` and commit dvc.lock")
-    if not rerun.differ or rerun.problems:
-        if not rerun.differ:
-            rerun.note = "every re-run output is byte-identical to the committed one"
+    rerun.differ, rerun.stale = lock_differences(new_lock, head_lock, rerun.stages)
+    rerun.problems += [f"dvc.lock of `{s}` is out of date ({', '.join(paths)}): run `dvc "
+                       "repro` and commit dvc.lock" for s, paths in rerun.stale.items()]
+    if not rerun.differ:
+        rerun.note = "every re-run output is byte-identical to the committed one"
         return
     retrained = sorted(s.split("@", 1)[1] for s in rerun.differ if s.startswith(f"{TRAIN}@"))
     files = sorted({p for paths in rerun.differ.values() for p in paths})
@@ -150,21 +178,13 @@ def verify(root: Path, rerun: Rerun, head_lock: dict, exact: bool, alpha: float)
         why = "--exact" if exact else "no model's weights changed, so nothing may differ"
         rerun.problems.append(f"not byte-identical ({why}): {', '.join(files)}")
         return
-    committed, produced = load("HEAD", str(root)), load(WORKSPACE, str(root))
-    for r in compare(committed, produced, alpha, paired=False):
-        if r.model not in retrained and r.verdict != "identical":
-            rerun.problems.append(f"{r.model}: its weights are byte-identical but its metrics "
-                                  f"differ ({committed.files.get(r.model, r.model)})")
-        elif r.model in retrained and (r.verdict not in ("identical", "within noise")
-                                       or r.spread):
-            verdict = r.verdict + (f"; {r.spread}" if r.spread else "")
-            rerun.problems.append(f"{r.model}: retrained, and the committed metrics are not "
-                                  f"within seed noise of the re-run ({verdict})")
+    rerun.problems += noise_problems(load("HEAD", str(root)), load(WORKSPACE, str(root)),
+                                     retrained, alpha)
     if not rerun.problems:
         rerun.note = (f"within seed noise: the weights of {', '.join(retrained)} differ from the "
                       "committed ones (another CPU family or a GPU rounds differently), and "
-                      "Welch's test finds every model's committed mse within seed noise of the "
-                      f"re-run; not byte-identical: {', '.join(files)}")
+                      "every model's committed mse is within seed noise of the re-run (Welch); "
+                      f"not byte-identical: {', '.join(files)}")
 
 
 def report(base: str, base_sha: str, head_sha: str, compared: str, params: str,

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, store_folder, write_idx_set
+from test_compare import side
 
+from aebench import review
 from aebench.smoke import copy_repo
 
 BIN = Path(sys.executable).parent
@@ -53,7 +55,7 @@ def commit_and_push(env, work: Path, message: str, branch: str) -> None:
     sh(env, work, "dvc", "push", "-q")
 
 
-def review(env, clone: Path, rc: int) -> str:
+def run_review(env, clone: Path, rc: int) -> str:
     sh(env, clone, sys.executable, "-m", "aebench", "review", "origin/main", "--output",
        "review.md", rc=rc)
     return (clone / "review.md").read_text()
@@ -68,6 +70,7 @@ def rerun_table(report: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory, env) -> dict:
+    """The PR flow; the two review reports. About 3 minutes on an idle 2-core machine."""
     top = tmp_path_factory.mktemp("review")
     origin, remote = top / "origin.git", top / "dvc-remote"
     sh(env, top, "git", "init", "-q", "--bare", str(origin))
@@ -88,7 +91,7 @@ def flow(tmp_path_factory, env) -> dict:
     commit_and_push(env, work, "pr: under30 trains 2 epochs", "pr")
     clone = top / "clone"
     sh(env, top, "git", "clone", "-q", "-b", "pr", str(origin), str(clone))
-    first = review(env, clone, rc=0)
+    first = run_review(env, clone, rc=0)
 
     path = work / "metrics" / "under30.json"  # a committed metric edited by hand
     data = json.loads(path.read_text())
@@ -98,10 +101,11 @@ def flow(tmp_path_factory, env) -> dict:
     commit_and_push(env, work, "pr: a better number", "pr")
     shutil.rmtree(clone)
     sh(env, top, "git", "clone", "-q", "-b", "pr", str(origin), str(clone))
-    second = review(env, clone, rc=1)
+    second = run_review(env, clone, rc=1)
     return {"first": first, "second": second, "clone": clone}
 
 
+@pytest.mark.e2e
 def test_review_reruns_only_the_changed_model_and_what_follows(flow):
     report = flow["first"]
     assert rerun_table(report) == {s: "byte-identical" for s in
@@ -112,14 +116,77 @@ def test_review_reruns_only_the_changed_model_and_what_follows(flow):
     assert "models.under30.epochs" in report.split("## Params", 1)[1]
 
 
+@pytest.mark.e2e
 def test_a_hand_edited_metric_fails_review(flow):
     report = flow["second"]
-    assert "**Not reproduced**" in report
-    assert "not byte-identical (no model's weights changed, so nothing may differ): metrics" \
-        in report
+    verdict = report.split("## Metrics", 1)[0]
+    assert verdict.endswith("**Not reproduced**: the committed results are not what the code "
+                            "produces:\n\n- not byte-identical (no model's weights changed, so "
+                            "nothing may differ): metrics\n\n"), verdict
     table = rerun_table(report)
     assert table["train@under30"] == "byte-identical"
     assert table["evaluate"] == "metrics differ"
+
+
+# --------------------------------------------------------------------------- the parts
+
+
+def lock(**stages):
+    """A dvc.lock's stages: name -> (deps, outs), each {path: md5}."""
+    return {name: {"cmd": f"run {name}", "deps": [{"path": p, "md5": h} for p, h in deps.items()],
+                   "outs": [{"path": p, "md5": h} for p, h in outs.items()]}
+            for name, (deps, outs) in stages.items()}
+
+
+def test_lock_differences_tell_outputs_from_stale_deps():
+    head = lock(evaluate=({"data/models": "w"}, {"metrics": "m1"}),
+                figures=({"metrics": "m1", "aebench/figures.py": "c1"}, {"plots/figures": "f"}))
+    rerun = lock(evaluate=({"data/models": "w"}, {"metrics": "m2"}),
+                 figures=({"metrics": "m2", "aebench/figures.py": "c2"}, {"plots/figures": "f"}))
+    differ, stale = review.lock_differences(rerun, head, ["evaluate", "figures"])
+    assert differ == {"evaluate": ["metrics"]}
+    assert stale == {"figures": ["aebench/figures.py"]}  # metrics: evaluate's output, not stale
+
+
+def test_within_seed_noise_where_weights_differ():
+    committed = side({"a": [0.0100, 0.0110, 0.0120], "b": [0.020, 0.021, 0.022]})
+    close = side({"a": [0.0101, 0.0109, 0.0121], "b": [0.020, 0.021, 0.022]})
+    assert review.noise_problems(committed, close, ["a"], 0.05) == []
+    far = side({"a": [0.0200, 0.0210, 0.0220], "b": [0.020, 0.021, 0.022]})
+    assert review.noise_problems(committed, far, ["a"], 0.05) == [
+        "a: retrained, and the committed metrics are not within seed noise of the re-run "
+        "(worse)"]
+    assert review.noise_problems(committed, close, [], 0.05) == [
+        "a: its weights are byte-identical but its metrics differ (metrics/a.json)"]
+    wild = side({"a": [0.0010, 0.0110, 0.0210], "b": [0.020, 0.021, 0.022]})
+    assert review.noise_problems(committed, wild, ["a"], 0.05) == [
+        "a: retrained, and the committed metrics are not within seed noise of the re-run "
+        "(within noise; spread ×10)"]
+
+
+@pytest.fixture
+def small_repo(tmp_path, env):
+    sh(env, tmp_path, "git", "init", "-q")
+    sh(env, tmp_path, "git", "config", "user.email", "t@example.com")
+    sh(env, tmp_path, "git", "config", "user.name", "t")
+    sh(env, tmp_path, "dvc", "init", "-q")
+    sh(env, tmp_path, "git", "commit", "-qm", "init")
+    return tmp_path
+
+
+def test_review_errors_are_one_line_and_exit_2(small_repo, env):
+    args = (sys.executable, "-m", "aebench", "review")
+    env = {**env, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([*args, "no-such-branch"], cwd=small_repo, env=env,
+                          capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == ("aebench review: BASE 'no-such-branch' is not a commit here (fetch "
+                           "it, e.g. `git fetch origin`)\n")
+    (small_repo / "params.yaml").write_text("train: {}\n")
+    proc = subprocess.run([*args, "HEAD"], cwd=small_repo, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("aebench review: the working copy has uncommitted changes")
 
 
 def test_the_workflow_runs_review_and_posts_the_report():
