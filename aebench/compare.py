@@ -93,7 +93,7 @@ def summary(entry: dict, key: str) -> tuple[float, float, int]:
     return entry[key]["mean"], entry[key]["std"], entry["n"]
 
 
-def test(a: Side, b: Side, model: str, key: str, paired: bool = True) -> tuple[str, float]:
+def run_test(a: Side, b: Side, model: str, key: str, paired: bool = True) -> tuple[str, float]:
     """(how, p) of the test of `key` for a model with n >= 2 on both sides."""
     matched = pairs(a, b, model, key) if paired else "paired tests off"
     if isinstance(matched, tuple):
@@ -135,12 +135,12 @@ def compare(a: Side, b: Side, alpha: float = stats.ALPHA, paired: bool = True) -
         elif min(ea["n"], eb["n"]) < 2:
             row.verdict = "one run"
         else:
-            row.test, row.p = test(a, b, model, PRIMARY, paired)
+            row.test, row.p = run_test(a, b, model, PRIMARY, paired)
             row.spread_p = stats.spread(summary(ea, PRIMARY), summary(eb, PRIMARY))
             if "test_loss" in ea and "test_loss" in eb and not (
                     rescales_mse(ea, a.replicas.get(model))
                     and rescales_mse(eb, b.replicas.get(model))):
-                row.loss_test = test(a, b, model, "test_loss", paired)
+                row.loss_test = run_test(a, b, model, "test_loss", paired)
     tested = [r for r in rows if r.p is not None]
     for r, p, sp in zip(tested, stats.holm([r.p for r in tested]),
                         stats.holm([r.spread_p for r in tested])):

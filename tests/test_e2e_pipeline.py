@@ -151,6 +151,15 @@ def test_one_param_change_retrains_and_rescores_only_that_model(repos):
     assert set(diff["metrics/under30.json"]) >= {"mse.mean", "mse.std"}
 
 
+def test_compare_pairs_the_experiment_by_seed(repos):
+    out = sh(repos["a"], sys.executable, "-m", "aebench", "compare")  # HEAD vs the experiment
+    lines = out.splitlines()
+    assert lines[0].startswith("**A** = ") and lines[0].endswith(" (HEAD) → **B** = workspace")
+    assert lines[2].startswith("- **under30**: ") and lines[3] == "- 1 model bit-identical: conv16"
+    under30 = next(line for line in lines if line.startswith("| under30 |"))
+    assert "| paired |" in under30  # two replicas, seeds 0 and 1, on both sides
+
+
 def trainers_in(repo: Path) -> list[int]:
     """Pids of `stages.train` processes working in `repo`."""
     pids = subprocess.run(["pgrep", "-f", "stages.train"], capture_output=True,
