@@ -291,7 +291,7 @@ def test_missing_per_seed_values_fall_back_to_welch(repo):
         (repo / "reports" / "details.json").write_text(saved)
 
 
-def test_old_layout_is_still_read(repo, tmp_path):
+def test_old_layout_is_still_read():
     """A revision from before metrics/<model>.json: one file of all models, and PCA's."""
     from aebench import revisions
 
@@ -299,6 +299,10 @@ def test_old_layout_is_still_read(repo, tmp_path):
     assert revisions.entries("metrics/models.json", old) == list(old.items())
     assert revisions.entries("metrics/pca.json", {"pca3": {"mse": 0.05}}) == []
     assert revisions.entries("metrics/deep3.json", old["deep3"]) == [("deep3", old["deep3"])]
+    # the same numbers, and now PCA's mse beside them: identical, not a change to test
+    before, after = side({"m": SEEDS_A}), side({"m": SEEDS_A})
+    after.models["m"]["pca_mse"] = 0.0177
+    assert row(compare.compare(before, after), "m").verdict == "identical"
 
 
 BAD = [
