@@ -46,11 +46,16 @@ class Rerun:
     stale: dict[str, list[str]] = field(default_factory=dict)   # stage -> deps/params not either
     problems: list[str] = field(default_factory=list)       # why it is not reproduced
     note: str = ""                                           # how it was reproduced
+    error: str = ""                                          # why the re-run stopped
+
+
+def environ() -> dict[str, str]:
+    """This environment with this Python's folder first on PATH: dvc.yaml's `python` is ours."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 def run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(args, cwd=cwd, env=environ(), capture_output=True, text=True)
     if check and proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise Failed(f"`{' '.join(args)}` failed: {tail[0]}")
@@ -105,11 +110,10 @@ def in_order(root: Path, stages: dict[str, str]) -> list[str]:
 
 def rerun_stages(root: Path, stages: list[str]) -> dict[str, float]:
     """Force-run exactly `stages` (in that order) in one `dvc repro`; seconds per stage."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     cmd = [sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "--no-run-cache",
            *stages]
     seconds, current, start, tail = {}, None, time.monotonic(), []
-    with subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
+    with subprocess.Popen(cmd, cwd=root, env=environ(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:
             print(line, end="", file=sys.stderr)  # the stages' own progress, as dvc shows it
@@ -192,6 +196,8 @@ def report(base: str, base_sha: str, head_sha: str, compared: str, params: str,
     lines = [f"# aebench review: HEAD `{head_sha[:7]}` against BASE `{base_sha[:7]}` ({base})", ""]
     if rerun is None:
         lines.append("**Not verified** (`--no-verify`): the committed results were compared only.")
+    elif rerun.error:
+        lines.append(f"**Error**: {rerun.error}")
     elif rerun.problems:
         lines += ["**Not reproduced**: the committed results are not what the code produces:", ""]
         lines += [f"- {p}" for p in rerun.problems]
@@ -206,8 +212,8 @@ def report(base: str, base_sha: str, head_sha: str, compared: str, params: str,
         if rerun.stages:
             lines += ["| stage | why | seconds | outputs |", "|---|---|---|---|"]
             for s, why in rerun.stages.items():
-                outs = ", ".join(rerun.differ[s]) + " differ" if s in rerun.differ \
-                    else "byte-identical"
+                outs = "not checked" if rerun.error else ", ".join(rerun.differ[s]) + \
+                    " differ" if s in rerun.differ else "byte-identical"
                 secs = f"{rerun.seconds[s]:.1f}" if s in rerun.seconds else "—"
                 lines.append(f"| {s} | {why} | {secs} | {outs} |")
         else:
@@ -238,8 +244,11 @@ def review(root: Path, base: str, verify_: bool, exact: bool, alpha: float) -> t
     rerun = Rerun(stages=to_rerun(root, lock_at(root, base_sha), head_lock))
     order = in_order(root, rerun.stages)
     rerun.stages = {s: rerun.stages[s] for s in order}
-    if order:
-        rerun.seconds = rerun_stages(root, order)
+    try:
+        rerun.seconds = rerun_stages(root, order) if order else {}
+    except Failed as e:  # the report still says what ran and where it stopped
+        rerun.error = str(e)
+        return report(base, base_sha, head_sha, compared, params, rerun, pulled), 2
     verify(root, rerun, head_lock, exact, alpha)
     return report(base, base_sha, head_sha, compared, params, rerun, pulled), \
         1 if rerun.problems else 0

@@ -166,12 +166,15 @@ def test_within_seed_noise_where_weights_differ():
 
 @pytest.fixture
 def small_repo(tmp_path, env):
-    sh(env, tmp_path, "git", "init", "-q")
-    sh(env, tmp_path, "git", "config", "user.email", "t@example.com")
-    sh(env, tmp_path, "git", "config", "user.name", "t")
-    sh(env, tmp_path, "dvc", "init", "-q")
-    sh(env, tmp_path, "git", "commit", "-qm", "init")
-    return tmp_path
+    """An empty git + DVC repository in tmp_path/repo (tmp_path: room for outputs beside it)."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    sh(env, root, "git", "init", "-q")
+    sh(env, root, "git", "config", "user.email", "t@example.com")
+    sh(env, root, "git", "config", "user.name", "t")
+    sh(env, root, "dvc", "init", "-q")
+    sh(env, root, "git", "commit", "-qm", "init")
+    return root
 
 
 def test_review_errors_are_one_line_and_exit_2(small_repo, env):
@@ -187,6 +190,33 @@ def test_review_errors_are_one_line_and_exit_2(small_repo, env):
                           text=True)
     assert proc.returncode == 2
     assert proc.stderr.startswith("aebench review: the working copy has uncommitted changes")
+
+
+def test_a_failing_stage_is_exit_2_with_a_report(small_repo, env):
+    """BASE ran a one-stage pipeline; HEAD changes its script (recorded with `dvc commit`) so
+    that it fails: review re-runs it, stops, and still writes its report."""
+    root, env = small_repo, {**env, "PYTHONPATH": str(REPO)}
+    (root / "dvc.yaml").write_text("stages:\n  s:\n    cmd: bash run.sh\n    deps: [run.sh]\n"
+                                   "    metrics:\n      - metrics:\n          cache: false\n")
+    (root / "run.sh").write_text("mkdir -p metrics && echo '{\"mse\": {\"mean\": 0.1, \"std\": "
+                                 "0.01}, \"sse_per_image\": {\"mean\": 78.4, \"std\": 7.84}, "
+                                 "\"n\": 3}' > metrics/m.json\n")
+    sh(env, root, "dvc", "repro", "-q")
+    sh(env, root, "git", "add", "-A")
+    sh(env, root, "git", "commit", "-qm", "base")
+    (root / "run.sh").write_text("echo boom >&2; exit 3\n")
+    sh(env, root, "dvc", "commit", "-f", "-q")
+    sh(env, root, "git", "commit", "-qam", "head")
+    proc = subprocess.run([sys.executable, "-m", "aebench", "review", "HEAD~1", "--no-verify"],
+                          cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "**Not verified** (`--no-verify`)" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "aebench", "review", "HEAD~1", "--output",
+                           "../r.md"], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    text = (root.parent / "r.md").read_text()
+    assert "**Error**: `dvc repro` failed in s: " in text
+    assert "| s | dvc.lock differs from BASE | — | not checked |" in text
+    assert "- 1 model bit-identical: m" in text  # the compare of the committed results
 
 
 def test_the_workflow_runs_review_and_posts_the_report():
