@@ -167,6 +167,16 @@ def noise_problems(committed: Side, rerun: Side, retrained: list[str],
     return problems
 
 
+def changed_files(root: Path, outs: list[str]) -> list[str]:
+    """The files of `outs` that differ from HEAD, where git tracks them (cache: false outputs);
+    an output in DVC's cache (weights, data) is named whole."""
+    named = []
+    for out in outs:
+        diff = run("git", "diff", "--name-only", "HEAD", "--", out, cwd=root, check=False)
+        named += diff.stdout.split() or [out]
+    return named
+
+
 def verify(root: Path, rerun: Rerun, head_lock: dict, exact: bool, alpha: float) -> None:
     """Fill rerun.differ / stale / problems / note from the re-run's dvc.lock."""
     new_lock = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages", {})
@@ -177,10 +187,11 @@ def verify(root: Path, rerun: Rerun, head_lock: dict, exact: bool, alpha: float)
         rerun.note = "every re-run output is byte-identical to the committed one"
         return
     retrained = sorted(s.split("@", 1)[1] for s in rerun.differ if s.startswith(f"{TRAIN}@"))
-    files = sorted({p for paths in rerun.differ.values() for p in paths})
+    files = "; ".join(f"{stage}: {', '.join(changed_files(root, paths))}"
+                      for stage, paths in rerun.differ.items())
     if exact or not retrained:
         why = "--exact" if exact else "no model's weights changed, so nothing may differ"
-        rerun.problems.append(f"not byte-identical ({why}): {', '.join(files)}")
+        rerun.problems.append(f"not byte-identical ({why}): {files}")
         return
     rerun.problems += noise_problems(load("HEAD", str(root)), load(WORKSPACE, str(root)),
                                      retrained, alpha)
@@ -188,7 +199,7 @@ def verify(root: Path, rerun: Rerun, head_lock: dict, exact: bool, alpha: float)
         rerun.note = (f"within seed noise: the weights of {', '.join(retrained)} differ from the "
                       "committed ones (another CPU family or a GPU rounds differently), and "
                       "every model's committed mse is within seed noise of the re-run (Welch); "
-                      f"not byte-identical: {', '.join(files)}")
+                      f"not byte-identical: {files}")
 
 
 def report(base: str, base_sha: str, head_sha: str, compared: str, params: str,
@@ -233,7 +244,7 @@ def review(root: Path, base: str, verify_: bool, exact: bool, alpha: float) -> t
     head_sha = run("git", "rev-parse", "HEAD", cwd=root).stdout.strip()
     side_a, side_b = load(base, str(root)), load("HEAD", str(root))
     compared = render(compare(side_a, side_b, alpha), side_a, side_b, alpha)
-    params = dvc("params", "diff", base_sha, "HEAD", "--md", cwd=root).stdout
+    params = dvc("params", "diff", base, "HEAD", "--md", cwd=root).stdout
     if not verify_:
         return report(base, base_sha, head_sha, compared, params, None, ""), 0
     pull = dvc("pull", "--allow-missing", cwd=root, check=False)

@@ -122,7 +122,7 @@ def test_a_hand_edited_metric_fails_review(flow):
     verdict = report.split("## Metrics", 1)[0]
     assert verdict.endswith("**Not reproduced**: the committed results are not what the code "
                             "produces:\n\n- not byte-identical (no model's weights changed, so "
-                            "nothing may differ): metrics\n\n"), verdict
+                            "nothing may differ): evaluate: metrics/under30.json\n\n"), verdict
     table = rerun_table(report)
     assert table["train@under30"] == "byte-identical"
     assert table["evaluate"] == "metrics differ"
