@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from .config import MAX_EPOCHS, MAX_LIMIT, MAX_REPLICAS
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ("dvc.lock", "metrics", "plots/curves", "plots/pca_curve.csv", "plots/figures",
            "reports")  # what a run writes, so a copy starts from nothing
@@ -53,13 +55,30 @@ def slice_params(path: Path, *, limit: int, epochs: int, replicas: int) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def count(low: int, high: int):
+    """An argparse type: an integer in low..high, or a usage error naming the bounds (before
+    anything is copied or run)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed; use {low}..{high}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aebench.smoke", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", nargs="?", default=str(ROOT / ".smoke"), type=Path)
-    parser.add_argument("--limit", type=int, default=3000, help="training images (3000)")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs of every model (1)")
-    parser.add_argument("--replicas", type=int, default=1, help="replicas per model (1)")
+    parser.add_argument("--limit", type=count(0, MAX_LIMIT), default=3000,
+                        help="training images (3000; 0 = all)")
+    parser.add_argument("--epochs", type=count(1, MAX_EPOCHS), default=1,
+                        help="epochs of every model (1)")
+    parser.add_argument("--replicas", type=count(1, MAX_REPLICAS), default=1,
+                        help="replicas per model (1)")
     args = parser.parse_args(argv)
     start = time.monotonic()
     shutil.rmtree(args.dir, ignore_errors=True)
@@ -70,9 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{args.dir.resolve()}/mlflow.db"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     code = subprocess.run(["dvc", "repro"], cwd=args.dir, env=env).returncode
-    print(f"smoke: {'done' if code == 0 else 'FAILED'} in {time.monotonic() - start:.0f} s; "
-          f"see {args.dir / 'reports' / 'summary.md'}", file=sys.stderr)
+    print(outcome(code, args.dir, time.monotonic() - start), file=sys.stderr)
     return code
+
+
+def outcome(code: int, folder: Path, seconds: float) -> str:
+    """The last line: where the summary is, or (it was not written) that the run failed."""
+    if code == 0:
+        return f"smoke: done in {seconds:.0f} s; see {folder / 'reports' / 'summary.md'}"
+    return (f"smoke: FAILED in {seconds:.0f} s (dvc repro exit {code}; its error is above); the "
+            f"scratch copy is {folder}")
 
 
 if __name__ == "__main__":

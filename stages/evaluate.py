@@ -49,8 +49,9 @@ def main(args) -> None:
             mse = headline[name]["mse"]
             print(f"evaluate: {name}: test mse {mse['mean']:.5f} ± {mse['std']:.5f} "
                   f"(n = {len(results)})", file=sys.stderr)
-    write_metrics(args.metrics_dir, headline, {n: d["pca"] for n, d in details.items()})
-    files.write_json(args.details_json, details)
+    with files.output_group():  # the metrics folder and the details change together, or not
+        write_metrics(args.metrics_dir, headline, {n: d["pca"] for n, d in details.items()})
+        files.write_json(args.details_json, details)
 
 
 if __name__ == "__main__":

@@ -31,14 +31,16 @@ def main(args) -> None:
     replicas = cfg.replicas or train.replicas
     print(f"train@{args.name}: {replicas} replica(s) on {len(train_x)} images, device {device}",
           file=sys.stderr)
+    if warning := training.batch_warning(args.name, cfg.batch_size, len(train_x), train.limit):
+        print(warning, file=sys.stderr)
     probe = cfg.build()
     run_params = {**config.flatten(cfg.model_dump()), "train.path": train.path,
                   "train.limit": train.limit, "n_train": len(train_x), "device": str(device),
                   "replicas": replicas, "latent_dim": probe.latent_dim,
                   "n_params": sum(t.numel() for t in probe.parameters())}
     histories = []
-    # The weights folder is moved into place inside the run: a failure there fails the run too.
-    with tracking.training_run(experiment_id, args.name, run_params), \
+    # The weights and the curve move into place together, inside the run (a failure fails it).
+    with tracking.training_run(experiment_id, args.name, run_params), files.output_group(), \
             files.atomic_dir(args.model_dir) as out:
         for r in range(replicas):
             seed = train.seed + r

@@ -128,10 +128,35 @@ def test_missing_replica_names_the_file(project_copy):
         run_stage("evaluate")
 
 
-def test_garbage_weights_name_the_file(project_copy):
-    (project_copy / "data/models/deep3/r0.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="data/models/deep3/r0.pt: not a valid"):
+@pytest.mark.parametrize("damage", ["garbage", "overwritten", "truncated"])
+def test_damaged_weights_are_one_line_naming_the_file_and_the_fix(project_copy, damage):
+    path = project_copy / "data/models/deep3/r0.pt"
+    good = path.read_bytes()
+    bad = {"garbage": b"not a checkpoint",  # torch's reply advises weights_only=False: not ours
+           "overwritten": good[:2000] + b"\xff" * 3000 + good[5000:],
+           "truncated": good[:5000]}[damage]
+    path.write_bytes(bad)
+    with pytest.raises(ValueError) as err:
         run_stage("evaluate")
+    why = {"garbage": "not a zip archive: File is not a zip file",
+           # torch.load itself reads these weights without a word: the zip's CRC-32 tells
+           "overwritten": "member archive/data/0 fails its CRC-32 check",
+           "truncated": "not a zip archive: File is not a zip file"}[damage]
+    assert str(err.value) == (
+        f"data/models/deep3/r0.pt: not a readable aebench checkpoint ({why}); put the folder "
+        "back with `dvc checkout data/models/deep3` or retrain with `dvc repro train@deep3`")
+
+
+def test_swapped_replica_files_are_refused(project_copy):
+    folder = project_copy / "data/models/deep3"
+    os.rename(folder / "r0.pt", folder / "swap")
+    os.rename(folder / "r1.pt", folder / "r0.pt")
+    os.rename(folder / "swap", folder / "r1.pt")
+    with pytest.raises(ValueError) as err:
+        run_stage("evaluate")
+    assert str(err.value).startswith(
+        "data/models/deep3/r0.pt: holds model 'deep3' replica 1 (seed 1), not 'deep3' replica 0 "
+        "(seed 0): files were renamed or mixed; put the folder back with `dvc checkout")
 
 
 def test_checkpoint_of_other_config_names_the_file_and_keys(project_copy):

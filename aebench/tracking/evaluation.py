@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .models import find_logged
 from .runs import active_run, end_stale_runs, tracked_run
-from .store import common_tags
+from .store import common_tags, store_errors
 
 if TYPE_CHECKING:  # mlflow is imported inside the functions: importing it costs seconds
     from mlflow.data.dataset import Dataset
@@ -63,11 +63,13 @@ def log_evaluation(name: str, index: int, weights_sha256: str, metrics: Mapping[
               "DVC remote, or a fresh mlflow.db?); test metrics go to the evaluation run only",
               file=sys.stderr)
     else:
-        train_run = mlflow.MlflowClient().get_run(logged.source_run_id)
+        with store_errors():
+            train_run = mlflow.MlflowClient().get_run(logged.source_run_id)
         tags.update({"model_id": logged.model_id, "training_run_id": logged.source_run_id,
                      "training_parent_run_id": train_run.data.tags.get("mlflow.parentRunId", "")})
     model_id = logged.model_id if logged else None
-    with tracked_run(experiment_id, f"{name}-r{index}-eval", tags, nested=True):
+    with tracked_run(experiment_id, f"{name}-r{index}-eval", tags, nested=True), \
+            store_errors():
         if dataset is not None:
             mlflow.log_input(dataset, context="test")
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=model_id,
@@ -80,5 +82,6 @@ def log_artifacts(paths: Sequence[str | Path], artifact_path: str | None = "figu
     import mlflow
 
     active_run("log_artifacts", "evaluation_run(...)")
-    for path in paths:
-        mlflow.log_artifact(str(path), artifact_path)
+    with store_errors():
+        for path in paths:
+            mlflow.log_artifact(str(path), artifact_path)

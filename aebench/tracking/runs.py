@@ -10,7 +10,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-from .store import common_tags
+from ..temporaries import process_alive
+from .store import common_tags, store_errors
 
 Scalar = str | int | float | bool
 
@@ -23,21 +24,7 @@ def _process_alive(tag: str | None) -> bool:
     """Whether the process named by a run's `process` tag (host:pid) still runs on this host.
     Another host's process cannot be checked: it counts as alive (its run is left alone)."""
     host, _, pid = (tag or "").rpartition(":")
-    if not pid.isdigit():
-        return False
-    if host != socket.gethostname():
-        return True
-    if int(pid) == os.getpid():
-        return False  # a run of this very process that is RUNNING has been left behind
-    if os.name != "posix":
-        return False  # os.kill(pid, 0) would terminate the process on Windows
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid.isdigit() and process_alive(host, int(pid))
 
 
 @contextmanager
@@ -47,8 +34,9 @@ def tracked_run(experiment_id: str, run_name: str, tags: Mapping[str, str], *,
     SystemExit. Yields the run id."""
     import mlflow
 
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested,
-                           tags={**tags, "process": _process_tag()})
+    with store_errors():
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested,
+                               tags={**tags, "process": _process_tag()})
     status = "FINISHED"
     try:
         yield run.info.run_id
@@ -59,7 +47,8 @@ def tracked_run(experiment_id: str, run_name: str, tags: Mapping[str, str], *,
         status = "KILLED"
         raise
     finally:
-        mlflow.end_run(status)
+        with store_errors():
+            mlflow.end_run(status)
 
 
 def active_run(caller: str, inside: str):
@@ -77,6 +66,7 @@ def quoted(value: str) -> str:
     return f"'{value}'"
 
 
+@store_errors()
 def end_stale_runs(experiment_id: str, **tags: str) -> list[str]:
     """Mark KILLED the runs with these tags (model="deep3", stage="evaluate") still RUNNING
     whose process is gone (a SIGKILL, a power cut); return their ids. Runs of a live process
@@ -121,7 +111,8 @@ def training_run(experiment_id: str, name: str, params: Mapping[str, Scalar],
     end_stale_runs(experiment_id, model=name)
     run_tags = {**common_tags(), "stage": "train", "model": name, **(tags or {})}
     with tracked_run(experiment_id, name, run_tags, nested=False) as run_id:
-        mlflow.log_params(dict(params))
+        with store_errors():
+            mlflow.log_params(dict(params))
         yield run_id
 
 
@@ -138,7 +129,8 @@ def replica_run(name: str, index: int, seed: int,
         raise RuntimeError(f"replica_run({name!r}) must run inside {inside}")
     tags = {**common_tags(), "stage": "train", "model": name, "replica": str(index)}
     with tracked_run(parent.info.experiment_id, f"{name}-r{index}", tags, nested=True) as run_id:
-        mlflow.log_params({"seed": seed, **(params or {})})
+        with store_errors():
+            mlflow.log_params({"seed": seed, **(params or {})})
         yield run_id
 
 
@@ -155,5 +147,6 @@ def log_epochs(epochs: Sequence[Mapping[str, float]],
     last = int(epochs[-1]["epoch"]) if epochs else 0
     metrics += [Metric(key, float(value), now, last) for key, value in (summary or {}).items()]
     run = active_run("log_epochs", "replica_run(...)")
-    mlflow.MlflowClient().log_batch(run.info.run_id, metrics=metrics)
+    with store_errors():
+        mlflow.MlflowClient().log_batch(run.info.run_id, metrics=metrics)
 
