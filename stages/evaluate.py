@@ -4,8 +4,9 @@ Reads params.yaml sections `models`, `train.replicas` and `evaluate`. Writes MET
 metrics, one file per model: the headline a reviewer diffs, mean and std over replicas and n,
 and PCA's mse at its latent size from PCA_CURVE; see aebench.metric_files) and DETAILS_JSON
 (every replica's metrics with its seed, per digit too, for the report, figures and compare).
-In MLflow: a new evaluation run; each replica's metrics attach to its logged model. Training
-runs are never written to.
+In MLflow: a new evaluation run holding the headline, its table and these files; each
+replica's metrics attach to its logged model; @best of each registered model is its lowest test
+MSE replica. Training runs are never written to.
 """
 
 import sys
@@ -49,9 +50,11 @@ def main(args) -> None:
             mse = headline[name]["mse"]
             print(f"evaluate: {name}: test mse {mse['mean']:.5f} ± {mse['std']:.5f} "
                   f"(n = {len(results)})", file=sys.stderr)
-    with files.output_group():  # the metrics folder and the details change together, or not
-        write_metrics(args.metrics_dir, headline, {n: d["pca"] for n, d in details.items()})
-        files.write_json(args.details_json, details)
+        with files.output_group():  # the metrics folder and the details change together
+            write_metrics(args.metrics_dir, headline, {n: d["pca"] for n, d in details.items()})
+            files.write_json(args.details_json, details)
+        tracking.log_results(headline, details, [args.metrics_dir, args.details_json],
+                             args.details_json)
 
 
 if __name__ == "__main__":

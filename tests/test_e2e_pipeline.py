@@ -125,6 +125,24 @@ def test_every_model_is_trained_evaluated_and_recorded(repos):
         "select m.key from metrics m join runs r on m.run_uuid = r.run_uuid "
         "where r.name = 'under30-r0'")}
     assert "test_mse" in train_keys and not any(k.startswith("test_sse") for k in train_keys)
+    # registered: one version per replica, @r{i} from train, @best from evaluate
+    aliases = {(name, alias): version for name, alias, version in db.execute(
+        "select name, alias, version from registered_model_aliases")}
+    assert set(aliases) == {("aebench-under30", "r0"), ("aebench-under30", "r1"),
+                            ("aebench-under30", "best"), ("aebench-conv16", "r0"),
+                            ("aebench-conv16", "best")}
+    best = min((r["mse"], i) for i, r in enumerate(details["under30"]["replicas"]))[1]
+    assert aliases[("aebench-under30", "best")] == aliases[("aebench-under30", f"r{best}")]
+    # the evaluate run holds the headline and, from the report stage, the report
+    evaluate = {k: v for k, v in db.execute(
+        "select m.key, m.value from latest_metrics m join runs r on m.run_uuid = r.run_uuid "
+        "where r.name = 'evaluate'")}
+    assert evaluate["evaluation/test_mse.under30"] == \
+        pytest.approx(headline["under30"]["mse"]["mean"], rel=1e-5)
+    (note,) = db.execute("select t.value from tags t join runs r on t.run_uuid = r.run_uuid "
+                         "where r.name = 'evaluate' and t.key = 'mlflow.note.content'").fetchone()
+    assert note.endswith(report)
+    assert (repo / ".mlflow-last-store").read_text() == f"sqlite:///{repo}/mlflow.db\n"
 
 
 def test_two_folders_give_the_same_bytes(repos):

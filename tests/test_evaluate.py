@@ -14,7 +14,7 @@ import torch
 import yaml
 from conftest import REPO, STALE_MODEL, TINY_MODELS, dvc_args, run_stage
 
-from aebench import files, kinds, models
+from aebench import files, kinds, models, tracking
 
 DIGITS = {str(d) for d in range(10)}
 
@@ -99,6 +99,37 @@ def test_metrics_reach_mlflow_attached_to_the_logged_models(project, mlflow_clie
             assert model.tags["weights_sha256"] == run.data.tags["weights_sha256"]
             assert model.tags["model"] == name and model.tags["replica"] == str(i)
     assert "test_denoise_mse" in by_name["convnoisy-r0-eval"].data.metrics
+
+
+def test_the_evaluate_run_holds_the_headline_and_sets_best(project_copy, mlflow_client):
+    run_stage("evaluate")  # its own evaluation: other tests retrain (and drop @best)
+    headline = {n: files.read_json(project_copy / f"metrics/{n}.json") for n in TINY_MODELS}
+    details = files.read_json(project_copy / "reports/details.json")
+    client = mlflow_client
+    experiment = client.get_experiment_by_name("aebench").experiment_id
+    (run, *_) = client.search_runs([experiment], "attributes.run_name = 'evaluate'",
+                                   order_by=["attributes.start_time DESC"])
+    assert run.data.tags["details_sha256"] == \
+        tracking.sha256_file(project_copy / "reports/details.json")
+    for name in TINY_MODELS:
+        assert run.data.metrics[f"evaluation/test_mse.{name}"] == \
+            pytest.approx(headline[name]["mse"]["mean"], rel=1e-5)
+        assert run.data.metrics[f"evaluation/test_mse_std.{name}"] == \
+            pytest.approx(headline[name]["mse"]["std"], rel=1e-5)
+        assert run.data.metrics[f"evaluation/pca_mse.{name}"] == \
+            pytest.approx(details[name]["pca"]["mse"], rel=1e-5)
+        # @best: the version of the checkpoint with the lowest test mse
+        mses = [r["mse"] for r in details[name]["replicas"]]
+        best = mses.index(min(mses))
+        version = client.get_model_version_by_alias(f"aebench-{name}", "best")
+        assert version.tags["weights_sha256"] == tracking.sha256_file(
+            project_copy / f"data/models/{name}/r{best}.pt")
+    assert "evaluation/test_loss.deep3" in run.data.metrics
+    assert "evaluation/test_loss.convnoisy" not in run.data.metrics  # mse on [0,1]: the mse
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "metrics")) == \
+        sorted(f"metrics/{n}.json" for n in TINY_MODELS)  # the metrics folder, file by file
+    table = client.load_table(experiment, "headline.json", run_ids=[run.info.run_id])
+    assert sorted(table["model"]) == sorted(TINY_MODELS) and list(table["n"]) == [2, 2]
 
 
 def test_same_weights_give_byte_identical_files(project, project_copy):

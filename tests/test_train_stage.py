@@ -87,6 +87,46 @@ def test_training_is_recorded_in_mlflow(project, mlflow_client):
         assert params["n_train"] == str(TRAIN_LIMIT) and params["train.limit"] == str(TRAIN_LIMIT)
         assert params["optimizer.lr"] == "0.001" and params["device"] == "cpu"
         assert params["replicas"] == "2" and params["kind"] == TINY_MODELS[name]["kind"]
+        # the model's colour in the PNGs, by its place in params.yaml
+        color = tracking.model_color(list(TINY_MODELS).index(name))
+        assert parent.data.tags["mlflow.runColor"] == child.data.tags["mlflow.runColor"] == color
+        # the curve (mean and std over replicas per epoch) on the parent: the model's own row
+        with open(project.root / "plots/curves" / f"{name}.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        for key in CURVE_HEADER[1:]:
+            history = mlflow_client.get_metric_history(parent.info.run_id, key)
+            assert [m.step for m in history] == [1, 2]
+            assert [m.value for m in history] == \
+                pytest.approx([float(r[key]) for r in rows], rel=1e-5)
+
+
+def test_each_replica_is_a_version_with_an_alias(project, mlflow_client):
+    for name in TINY_MODELS:
+        for r in range(2):
+            version = mlflow_client.get_model_version_by_alias(f"aebench-{name}", f"r{r}")
+            # the latest training: here, or the retraining of a test that ran before this one,
+            # which wrote the same bytes
+            assert version.tags["weights_sha256"] == \
+                tracking.sha256_file(project.root / f"data/models/{name}/r{r}.pt")
+            assert version.tags["replica"] == str(r)
+
+
+def test_a_failed_training_moves_no_alias(project_copy, mlflow_client, monkeypatch):
+    registered = "aebench-deep3"
+    before = mlflow_client.get_registered_model(registered).aliases
+    versions = len(mlflow_client.search_model_versions(f"name = '{registered}'"))
+    train_replica = training.train_replica
+
+    def second_fails(*args, seed, **kwargs):  # replica 0 trains and is logged, replica 1 fails
+        if seed == 1:
+            raise training.TrainingError("model deep3-r1: diverged")
+        return train_replica(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(training, "train_replica", second_fails)
+    with pytest.raises(training.TrainingError, match="diverged"):
+        run_stage("train", key="deep3")
+    assert mlflow_client.get_registered_model(registered).aliases == before
+    assert len(mlflow_client.search_model_versions(f"name = '{registered}'")) == versions
 
 
 def test_same_seed_gives_byte_identical_checkpoints(project, project_copy):
