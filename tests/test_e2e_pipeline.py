@@ -96,17 +96,17 @@ def repos(tmp_path_factory) -> dict:
 
 def test_every_model_is_trained_evaluated_and_recorded(repos):
     repo = repos["b"]  # as the first run left it
-    headline = json.loads((repo / "metrics" / "models.json").read_text())
-    assert list(headline) == list(MODELS)
+    headline = {p.stem: json.loads(p.read_text()) for p in (repo / "metrics").iterdir()}
+    assert sorted(headline) == sorted(MODELS)
     assert headline["under30"]["n"] == 2 and headline["conv16"]["n"] == 1
-    assert set(headline["under30"]) == {"mse", "sse_per_image", "test_loss", "n"}
+    assert set(headline["under30"]) == {"mse", "sse_per_image", "test_loss", "n", "pca_mse"}
     assert all(0 < m["mse"]["mean"] < 1 for m in headline.values())
     assert headline["conv16"]["mse"]["std"] == 0
     assert sorted(p.name for p in (repo / "data" / "models" / "under30").iterdir()) \
         == ["r0.pt", "r1.pt"]
     curve = (repo / "plots" / "curves" / "under30.csv").read_text().splitlines()
     assert curve[0] == "epoch,test_mse,test_mse_std,train_loss,train_loss_std" and len(curve) == 2
-    assert set(json.loads((repo / "metrics" / "pca.json").read_text())) == {"pca30"}
+    assert "pca_mse" not in headline["conv16"]  # a code of 2304: PCA is exact
     details = json.loads((repo / "reports" / "details.json").read_text())
     assert "denoise_mse" in details["conv16"]["mean"] and len(details["under30"]["replicas"]) == 2
     pngs = list((repo / "plots" / "figures").glob("*.png"))
@@ -170,8 +170,18 @@ def test_one_param_change_retrains_and_rescores_only_that_model(repos):
     assert list(params) == ["models.under30.epochs"]
     assert (params["models.under30.epochs"]["old"], params["models.under30.epochs"]["new"]) \
         == (1, 2)
-    diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json"))["metrics/models.json"]
-    assert {key.split(".")[0] for key in diff} == {"under30"}
+    diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json"))
+    assert list(diff) == ["metrics/under30.json"]  # one file per model: only under30's changed
+    assert set(diff["metrics/under30.json"]) >= {"mse.mean", "mse.std"}
+
+
+def test_compare_pairs_the_experiment_by_seed(repos):
+    out = sh(repos["a"], sys.executable, "-m", "aebench", "compare")  # HEAD vs the experiment
+    lines = out.splitlines()
+    assert lines[0].startswith("**A** = ") and lines[0].endswith(" (HEAD) → **B** = workspace")
+    assert lines[2].startswith("- **under30**: ") and lines[3] == "- 1 model bit-identical: conv16"
+    under30 = next(line for line in lines if line.startswith("| under30 |"))
+    assert "| paired |" in under30  # two replicas, seeds 0 and 1, on both sides
 
 
 def trainers_in(repo: Path) -> list[int]:

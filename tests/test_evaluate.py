@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import REPO, STALE_MODEL, TINY_MODELS, dvc_args, run_stage
 
 from aebench import files, kinds, models, tracking
@@ -23,9 +24,11 @@ def read(project, path):
 
 
 def test_headline_is_mean_std_and_n_per_model(project):
-    headline = read(project, "metrics/models.json")
+    # one file per model, the stale folder's model has none
+    assert sorted(p.name for p in (project.root / "metrics").iterdir()) == \
+        sorted(f"{n}.json" for n in TINY_MODELS)
+    headline = {n: read(project, f"metrics/{n}.json") for n in TINY_MODELS}
     details = read(project, "reports/details.json")
-    assert list(headline) == list(TINY_MODELS)  # params order; the stale folder is no model
     for name, h in headline.items():
         assert h["n"] == 2
         mses = [r["mse"] for r in details[name]["replicas"]]
@@ -36,7 +39,8 @@ def test_headline_is_mean_std_and_n_per_model(project):
         assert h["sse_per_image"]["mean"] == pytest.approx(784 * h["mse"]["mean"], rel=1e-5)
     # deep3 trains on [-1,1] pixels: its loss is its own number; convnoisy's mse on [0,1] is
     # the common metric itself, so the headline does not repeat it
-    assert set(headline["deep3"]) == {"mse", "sse_per_image", "test_loss", "n"}
+    # deep3's code of 3 has a PCA bar; convnoisy's 1152 >= 784 gets exact PCA, left out
+    assert set(headline["deep3"]) == {"mse", "sse_per_image", "test_loss", "n", "pca_mse"}
     assert set(headline["convnoisy"]) == {"mse", "sse_per_image", "n"}
     assert headline["deep3"]["test_loss"]["mean"] == \
         pytest.approx(4 * headline["deep3"]["mse"]["mean"], rel=1e-4)
@@ -67,12 +71,10 @@ def test_details_have_every_replica_per_digit_and_pca(project):
     assert "denoise_mse" not in details["deep3"]["replicas"][0]
 
 
-def test_pca_json_has_only_latent_sizes_below_784(project):
-    pca = read(project, "metrics/pca.json")
-    assert list(pca) == ["pca3"]  # deep3's code; convnoisy's 1152 gets exact PCA, left out
+def test_pca_mse_is_pca_at_the_latent_size(project):
     curve = files.read_columns(project.root / "plots/pca_curve.csv", ("components", "test_mse"))
-    assert pca["pca3"] == {"mse": pytest.approx(curve["test_mse"][3], rel=1e-5),
-                           "sse_per_image": pytest.approx(784 * curve["test_mse"][3], rel=1e-5)}
+    assert read(project, "metrics/deep3.json")["pca_mse"] == \
+        pytest.approx(curve["test_mse"][3], rel=1e-5)
 
 
 def test_metrics_reach_mlflow_attached_to_the_logged_models(project, mlflow_client):
@@ -102,7 +104,7 @@ def test_metrics_reach_mlflow_attached_to_the_logged_models(project, mlflow_clie
 
 def test_the_evaluate_run_holds_the_headline_and_sets_best(project_copy, mlflow_client):
     run_stage("evaluate")  # its own evaluation: other tests retrain (and drop @best)
-    headline = files.read_json(project_copy / "metrics/models.json")
+    headline = {n: files.read_json(project_copy / f"metrics/{n}.json") for n in TINY_MODELS}
     details = files.read_json(project_copy / "reports/details.json")
     client = mlflow_client
     experiment = client.get_experiment_by_name("aebench").experiment_id
@@ -118,7 +120,10 @@ def test_the_evaluate_run_holds_the_headline_and_sets_best(project_copy, mlflow_
         metrics = models[f"{name}-eval"].data.metrics
         assert metrics["test_mse"] == pytest.approx(headline[name]["mse"]["mean"], rel=1e-5)
         assert metrics["test_mse_std"] == pytest.approx(headline[name]["mse"]["std"], rel=1e-5)
-        assert metrics["pca_mse"] == pytest.approx(details[name]["pca"]["mse"], rel=1e-5)
+        if "pca_mse" in headline[name]:
+            assert metrics["pca_mse"] == pytest.approx(headline[name]["pca_mse"], rel=1e-5)
+        else:  # PCA at 784 or more is exact: left out, as in the metrics file
+            assert "pca_mse" not in metrics
         assert models[f"{name}-eval"].data.tags["mlflow.runColor"] == \
             models[f"{name}-r0-eval"].data.tags["mlflow.runColor"]  # the model's colour
         # @best: the version of the checkpoint with the lowest test mse
@@ -129,8 +134,8 @@ def test_the_evaluate_run_holds_the_headline_and_sets_best(project_copy, mlflow_
             project_copy / f"data/models/{name}/r{best}.pt")
     assert "test_loss" in models["deep3-eval"].data.metrics
     assert "test_loss" not in models["convnoisy-eval"].data.metrics  # mse on [0,1]: the mse
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "metrics")] == \
-        ["metrics/models.json", "metrics/pca.json"]
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "metrics")) == \
+        sorted(f"metrics/{n}.json" for n in TINY_MODELS)  # the metrics folder, file by file
     table = client.load_table(experiment, "headline.json", run_ids=[run.info.run_id])
     assert sorted(table["model"]) == sorted(TINY_MODELS) and list(table["n"]) == [2, 2]
 
@@ -139,10 +144,20 @@ def test_same_weights_give_byte_identical_files(project, project_copy):
     # the weights of a model no longer in params.yaml are not read, let alone evaluated
     (project_copy / "data/models" / STALE_MODEL / "r0.pt").write_bytes(b"garbage")
     run_stage("evaluate")  # the arguments of dvc.yaml
-    for path in ("metrics/models.json", "metrics/pca.json", "reports/details.json"):
+    for path in [f"metrics/{n}.json" for n in TINY_MODELS] + ["reports/details.json"]:
         assert (project_copy / path).read_bytes() == (project.root / path).read_bytes(), path
     assert STALE_MODEL not in (project_copy / "reports/details.json").read_text()
     assert not list(project_copy.rglob("*.tmp"))
+
+
+def test_a_removed_model_loses_its_metrics_file(project_copy):
+    (project_copy / "metrics" / f"{STALE_MODEL}.json").write_text("{}")  # from an older run
+    params = yaml.safe_load((project_copy / "params.yaml").read_text())
+    del params["models"]["convnoisy"]
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_stage("evaluate")
+    assert [p.name for p in (project_copy / "metrics").iterdir()] == ["deep3.json"]
+    assert list(json.loads((project_copy / "reports/details.json").read_text())) == ["deep3"]
 
 
 def test_missing_replica_names_the_file(project_copy):
@@ -198,7 +213,7 @@ def test_failure_leaves_the_outputs_untouched(project, project_copy):
     torch.save(state, project_copy / "data/models/deep3/r1.pt")
     with pytest.raises(ValueError, match="data/models/deep3/r1.pt: weights do not fit"):
         run_stage("evaluate")
-    for path in ("metrics/models.json", "metrics/pca.json", "reports/details.json"):
+    for path in [f"metrics/{n}.json" for n in TINY_MODELS] + ["reports/details.json"]:
         assert (project_copy / path).read_bytes() == (project.root / path).read_bytes(), path
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import shutil
 import signal
@@ -26,7 +25,7 @@ import yaml
 from conftest import REPO, STALE_MODEL, dvc_args, run_stage
 from PIL import Image
 
-from aebench import config, constants, data, drawing, figures, files, kinds, models
+from aebench import config, constants, data, drawing, figures, files, kinds, metric_files, models
 
 EVERY_PNG = set(figures.FIGURES)
 VOLATILE = ("Software", "Creation Time", "date:create", "date:modify", "Date")
@@ -118,11 +117,12 @@ def test_figures_go_to_an_evaluation_run(root, mlflow_client):
 
 def test_missing_metrics_fail_naming_the_model(in_root, tmp_path):
     args = dvc_args("figures")
-    partial = tmp_path / "models.json"
-    headline = json.loads((in_root / args[2]).read_text())
-    partial.write_text(json.dumps({"deep3": headline["deep3"]}))
+    partial = tmp_path / "metrics"  # deep3's file only
+    partial.mkdir()
+    (partial / "deep3.json").write_bytes((in_root / args[2] / "deep3.json").read_bytes())
     args[2], args[OUT_DIR] = str(partial), str(tmp_path / "out")
-    with pytest.raises(ValueError, match=r"no metrics for convnoisy; rerun `dvc repro evaluate`"):
+    with pytest.raises(FileNotFoundError, match=r"metrics/convnoisy.json: missing; run `dvc "
+                                                r"repro`"):
         run_stage("figures", *args)
     assert not (tmp_path / "out").exists()
 
@@ -174,7 +174,7 @@ def inputs(project) -> figures.Inputs:
         cfgs=cfgs,
         nets={n: models.load_replicas(root / "data/models", n, c, 1)[0][0]
               for n, c in cfgs.items()},
-        headline=files.read_json(root / "metrics/models.json"),
+        headline=metric_files.read(root / "metrics", cfgs),
         details=files.read_json(root / "reports/details.json"),
         pca_curve=files.read_columns(root / "plots/pca_curve.csv", ("components", "test_mse")),
         curves={n: files.read_columns(root / f"plots/curves/{n}.csv", ("epoch",)) for n in cfgs},

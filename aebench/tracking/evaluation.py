@@ -142,7 +142,8 @@ def log_results(headline: Mapping[str, Mapping[str, Any]],
     """The evaluation's results on the active evaluation_run, once every replica is logged:
     per model a child run NAME-eval (model_evaluation_name) in the model's colour with the
     headline means and stds under the names its replicas' runs use (test_mse, test_mse_std,
-    test_sse_per_image, ..., and pca_mse); the headline table (HEADLINE_TABLE); `artifacts`
+    test_sse_per_image, ...) and pca_mse (PCA at its latent size, where PCA is not exact, as in
+    the metrics files); the headline table (HEADLINE_TABLE); `artifacts`
     (files or folders: the metrics files and details.json) under their folder's name; @best of
     each model's registered model (its lowest test MSE replica, from this run's children); the
     tag best_model (BEST_TAG: the lowest mean test MSE); last, the tag details_sha256 by which
@@ -159,7 +160,8 @@ def log_results(headline: Mapping[str, Mapping[str, Any]],
     replicas = _replica_evaluations(run.info.run_id)
     tags = {**common_tags(), "stage": run.data.tags.get("stage", "evaluate")}
     for name, h in headline.items():
-        metrics = {"pca_mse": float(details[name]["pca"]["mse"])}
+        pca = details[name]["pca"]
+        metrics = {"pca_mse": float(pca["mse"])} if pca["k"] < N_PIXELS else {}  # else exact
         for key, stat in h.items():
             if isinstance(stat, Mapping):
                 metrics[_metric_name(key)] = float(stat["mean"])
