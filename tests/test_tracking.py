@@ -583,6 +583,17 @@ def test_make_ui_opens_the_last_runs_store_in_the_model_training_view(store, tmp
     # STORE=folder: that folder's mlflow.db
     ui.main([str(store[1])])
     assert ran[-1][3] == smoke_store
+    # a store that takes no write: a warning, no view address, the UI on the runs all the same
+    def refused(*args):
+        raise mlflow.exceptions.MlflowException("attempt to write a readonly database")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_experiment_tag", refused)
+    capsys.readouterr()
+    ui.main([str(store[1]), "--port", "5001"])
+    out, err = capsys.readouterr()
+    assert "warning: the view 'Models, best first' is not saved: MLflow tracking store" in err
+    assert "readonly database" in err and "viewStateShareKey" not in out
+    assert f"all runs: {runs}?workflowType=machine_learning\n" in out and len(ran) == 3
     assert ui.main([str(tmp_path / "nowhere")]) == 1
     assert "STORE=" in capsys.readouterr().err
 

@@ -202,9 +202,10 @@ def log_training_curve(rows: Sequence[Mapping[str, float]]) -> None:
         raise ValueError("log_training_curve: no epochs")
     log_epochs(rows)
     now = int(time.time() * 1000)
-    last = {key: float(rows[-1][key]) for key in FINAL_METRICS}
-    # at the CSV's digits; a nan or inf (which rounded() makes None) as it is
-    final = [Metric(final_metric(key), value if rounded(value) is None else rounded(value),
-                    now, 0) for key, value in last.items()]
+    final = []
+    for key in FINAL_METRICS:
+        value = float(rows[-1][key])
+        shown = rounded(value)  # the CSV's digits; None for a nan or inf, logged as it is
+        final.append(Metric(final_metric(key), value if shown is None else shown, now, 0))
     with store_errors():
         mlflow.MlflowClient().log_batch(run.info.run_id, metrics=final)
