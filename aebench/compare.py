@@ -12,8 +12,6 @@ import math
 import sys
 from pathlib import Path
 
-from scipy import stats
-
 ALPHA = 0.05
 METRICS = ("mse", "sse_per_image", "test_loss")  # lower is better for each
 WORKSPACE = "workspace"
@@ -69,6 +67,8 @@ def verdict(a: tuple, b: tuple, alpha: float = ALPHA) -> tuple[float | None, str
     if sa == 0 and sb == 0:
         p = 1.0 if ma == mb else 0.0
     else:
+        from scipy import stats  # here: importing it takes about a second
+
         p = float(stats.ttest_ind_from_stats(ma, sa, na, mb, sb, nb, equal_var=False).pvalue)
     if p >= alpha:
         return p, "within noise"
@@ -105,7 +105,11 @@ def _change(a: tuple | None, b: tuple | None) -> str:
 def detectable(n: int, alpha: float = ALPHA) -> float:
     """The smallest change, in stds across seeds, that Welch's test calls real at `alpha` when
     both sides have n seeds and the same std: t = d / (std * sqrt(2/n)), 2n - 2 dof."""
-    return float(stats.t.ppf(1 - alpha / 2, 2 * n - 2) * math.sqrt(2 / n))
+    # Student's t quantile, as scipy.stats.t.ppf computes it, without importing scipy.stats
+    # (about a second; the report stage needs only this number).
+    from scipy.special import stdtrit
+
+    return float(stdtrit(2 * n - 2, 1 - alpha / 2) * math.sqrt(2 / n))
 
 
 def noise_note(rows: list[dict], alpha: float) -> str:

@@ -198,3 +198,12 @@ def test_verdict(a, b, expected):
     p, word = compare.verdict(a, b)
     assert word == expected
     assert (p is None) == (expected == "one run")
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.01])
+def test_detectable_is_the_t_quantile_times_sqrt_2_over_n(alpha):
+    from scipy import stats
+
+    for n in range(2, 40):
+        want = stats.t.ppf(1 - alpha / 2, 2 * n - 2) * (2 / n) ** 0.5
+        assert compare.detectable(n, alpha) == pytest.approx(want, rel=1e-12)

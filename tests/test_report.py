@@ -3,6 +3,10 @@ the noise sentence, denoising, figure links; and the report stage on the session
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 from conftest import STALE_MODEL, TINY_MODELS, run_stage
 
@@ -125,3 +129,14 @@ def test_report_stage(project_copy):
     assert "| deep3 |" not in text.split("## Denoising")[1]
     assert sorted(p.name for p in (project_copy / "reports").iterdir()) == \
         ["details.json", "summary.md"]  # no temporary file left
+
+
+def test_report_stage_imports_no_heavy_library():
+    """The report's one statistic (detectable) needs scipy.special only: scipy.stats, torch,
+    MLflow and matplotlib would cost the stage seconds of imports."""
+    code = ("import sys, stages.report\nfrom aebench import report\n"
+            "report.noise_sentence({'m': {'n': 3}})\n"
+            "print(sorted({'scipy.stats', 'torch', 'mlflow', 'matplotlib'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "[]\n"), done.stderr
