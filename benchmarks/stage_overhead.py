@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 import yaml
@@ -191,11 +192,10 @@ def timed_run(argv: list[str], cwd: Path, env: dict) -> float:
     return time.monotonic() - start
 
 
-def smoke(variants: list[Variant], work: Path, n: int, env: dict) -> list[dict]:
+def smoke(variants: list[Variant], work: Path, n: int, env: dict, rows: list, save) -> None:
     """`python -m aebench.smoke` of each tree, then the one-model experiment in its copy."""
     if not env.get("MNIST_MIRROR"):
         raise SystemExit("--smoke: set MNIST_MIRROR (the smoke run downloads MNIST from it)")
-    rows = []
     for i in range(n):
         for v in (v for v in variants if not v.server):
             copy = work / f"smoke-{v.label}"
@@ -206,7 +206,7 @@ def smoke(variants: list[Variant], work: Path, n: int, env: dict) -> list[dict]:
                          "experiment_s": round(exp, 2), "load_1min": load})
             print(f"smoke {v.label}: {wall:.1f} s; one-model experiment {exp:.1f} s "
                   f"(load {load:.2f})", flush=True)
-    return rows
+            save()
 
 
 def commit_of(tree: Path) -> str:
@@ -240,7 +240,23 @@ def main(argv=None) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     work = Path(tempfile.mkdtemp(prefix="stage_overhead-"))
-    load_before, runs, smoke_rows = os.getloadavg(), [], []
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").open()
+                if line.startswith("model name")), platform.machine())
+    result = {"device": "cpu", "cpu": cpu, "cores": os.cpu_count(),
+              "python": platform.python_version(),
+              **{p: metadata.version(p) for p in ("torch", "mlflow", "dvc")},
+              "limit": args.limit, "epochs": args.epochs, "replicas": args.replicas,
+              "repeats": args.repeats, "loadavg_before_after": [os.getloadavg()],
+              "variants": [{"label": v.label, "tree": str(v.tree), "commit": commit_of(v.tree),
+                            "server": v.server} for v in variants],
+              "summary": {}, "smoke": [], "runs": []}
+
+    def save() -> None:  # after each part, so that a later failure loses nothing measured
+        result["loadavg_before_after"][1:] = [os.getloadavg()]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    runs = result["runs"]
     try:
         for v in variants:
             prepare(v, work, args.csv_dir, args.limit, args.epochs, args.replicas, env)
@@ -256,8 +272,12 @@ def main(argv=None) -> None:
                         print(f"[{i + 1}/{args.repeats}] {stage:18s} {v.label:14s} "
                               f"{r['wall']:6.2f} s (compute {r['parts']['compute']:.2f}, "
                               f"load {r['load_1min']:.2f})", flush=True)
+        if runs:
+            result["summary"] = summarize(runs)
+            print_table(result["summary"])
+        save()
         if args.smoke:
-            smoke_rows = smoke(variants, work, args.smoke, env)
+            smoke(variants, work, args.smoke, env, result["smoke"], save)
     finally:
         for v in variants:
             if v.server_proc:
@@ -265,23 +285,8 @@ def main(argv=None) -> None:
                 v.server_proc.wait()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    summary = summarize(runs) if runs else {}
-    if summary:
-        print_table(summary)
-    import mlflow  # noqa: E402 - only for its version, after every timed run
-    import torch
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").open()
-                if line.startswith("model name")), platform.machine())
-    result = {"device": "cpu", "cpu": cpu, "cores": os.cpu_count(), "python":
-              platform.python_version(), "torch": torch.__version__, "mlflow": mlflow.__version__,
-              "limit": args.limit, "epochs": args.epochs, "replicas": args.replicas,
-              "repeats": args.repeats, "loadavg_before_after": [load_before, os.getloadavg()],
-              "variants": [{"label": v.label, "tree": str(v.tree), "commit": commit_of(v.tree),
-                            "server": v.server} for v in variants],
-              "summary": summary, "smoke": smoke_rows, "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"load average (1 min) before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
+    load = result["loadavg_before_after"]
+    print(f"load average (1 min) before {load[0][0]:.2f}, after {load[1][0]:.2f}; "
           f"wrote {args.out}")
 
 
