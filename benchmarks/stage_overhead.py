@@ -19,7 +19,8 @@ finalization, up to the process's end) and other. The table shows medians; `fixe
 wall - compute.
 
 --server adds, per tree, a variant whose stages talk to a local `mlflow server` (sqlite
-backend) instead of opening the sqlite file themselves. --smoke N runs `python -m
+backend, artifacts through the server, as docs/pipeline.md starts one) instead of opening the
+sqlite file themselves. --smoke N runs `python -m
 aebench.smoke` of each tree N times, interleaved (the whole pipeline by `dvc repro`, with
 download and convert; needs MNIST_MIRROR), then a one-model experiment in each smoke copy
 (`dvc exp run -S models.under30.epochs=2`: train@under30, evaluate, figures, report).
@@ -108,7 +109,7 @@ def prepare(v: Variant, work: Path, csv_dir: Path, limit: int, epochs: int, repl
         v.server_proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
              "--port", str(port), "--backend-store-uri", f"sqlite:///{v.project}/mlflow.db",
-             "--default-artifact-root", (v.project / "mlartifacts").as_uri(),
+             "--artifacts-destination", str(v.project / "mlartifacts"),  # as docs/pipeline.md
              "--workers", "1"], cwd=v.project, env=base_env,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
