@@ -33,6 +33,7 @@ import fnmatch
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import socket
@@ -128,54 +129,79 @@ def probe(v: Variant, stage: str, argv: list[str]) -> dict:
     out = v.project / ".probe.json"
     out.unlink(missing_ok=True)
     load = os.getloadavg()[0]
-    start = time.monotonic()
+    cpu_before, start = children_cpu(), time.monotonic()
     proc = subprocess.run([sys.executable, str(PROBE), *argv], cwd=v.project,
                           env={**v.env, "STAGE_PROBE_OUT": str(out)}, stdin=subprocess.DEVNULL,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    end = time.monotonic()
+    end, cpu_total = time.monotonic(), children_cpu() - cpu_before
     if proc.returncode:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise SystemExit(f"{v.label}: {stage}: exit {proc.returncode}: {tail}")
     rec = json.loads(out.read_text())
     parts = {**rec["parts"], "startup": rec["start"] - start,
              "at_exit": rec["handlers_done"] - rec["end"], "teardown": end - rec["handlers_done"]}
+    cpu = {**rec["cpu"], "startup": rec["cpu_start"],
+           "at_exit": rec["cpu_handlers_done"] - rec["cpu_end"],
+           "teardown": cpu_total - rec["cpu_handlers_done"]}
     return {"variant": v.label, "stage": stage, "wall": end - start, "load_1min": load,
+            "cpu_total": round(cpu_total, 4),
             "parts": {p: round(parts.get(p, 0.0), 4) for p in PARTS},
+            "cpu": {p: round(cpu.get(p, 0.0), 4) for p in PARTS},
             "imports": {k: round(t, 4) for k, t in sorted(rec["imports"].items(),
                                                           key=lambda kv: -kv[1]) if t >= 0.01}}
 
 
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def summarize(runs: list[dict]) -> dict:
+    """Per variant and stage: medians of wall, fixed (wall - compute) and each part, the same
+    in CPU seconds under "cpu", and the imports by package; and a "total" row per variant."""
     by: dict = {}
     for r in runs:
         by.setdefault(r["variant"], {}).setdefault(r["stage"], []).append(r)
+    median = statistics.median
     summary = {}
     for label, stages in by.items():
         rows = {}
         for stage, rs in stages.items():
-            row = {"wall": statistics.median(r["wall"] for r in rs),
-                   "fixed": statistics.median(r["wall"] - r["parts"]["compute"] for r in rs),
-                   **{p: statistics.median(r["parts"][p] for r in rs) for p in PARTS}}
-            rows[stage] = {k: round(v, 3) for k, v in row.items()}
+            row = {"wall": median(r["wall"] for r in rs),
+                   "fixed": median(r["wall"] - r["parts"]["compute"] for r in rs),
+                   **{p: median(r["parts"][p] for r in rs) for p in PARTS}}
+            row = {k: round(t, 3) for k, t in row.items()}
+            row["cpu"] = {k: round(t, 3) for k, t in {
+                "total": median(r["cpu_total"] for r in rs),
+                "fixed": median(r["cpu_total"] - r["cpu"]["compute"] for r in rs),
+                **{p: median(r["cpu"][p] for r in rs) for p in PARTS}}.items()}
             keys = {k for r in rs for k in r["imports"]}
-            imports = {k: statistics.median(r["imports"].get(k, 0.0) for r in rs) for k in keys}
-            rows[stage]["imports"] = {k: round(t, 3) for k, t in sorted(
+            imports = {k: median(r["imports"].get(k, 0.0) for r in rs) for k in keys}
+            row["imports"] = {k: round(t, 3) for k, t in sorted(
                 imports.items(), key=lambda kv: -kv[1]) if t >= 0.05}
-        rows["total"] = {k: round(sum(r[k] for r in rows.values()), 3)
+            rows[stage] = row
+        stage_rows = list(rows.values())
+        rows["total"] = {k: round(sum(r[k] for r in stage_rows), 3)
                          for k in ("wall", "fixed", *PARTS)}
+        rows["total"]["cpu"] = {k: round(sum(r["cpu"][k] for r in stage_rows), 3)
+                                for k in ("total", "fixed", *PARTS)}
         summary[label] = rows
     return summary
 
 
 def print_table(summary: dict) -> None:
     cols = ("wall", "fixed", *PARTS)
-    print(f"{'stage':18s} {'variant':14s} " + " ".join(f"{c[:8]:>8s}" for c in cols))
     stages = list(next(iter(summary.values())))
-    for stage in stages:
-        for label, rows in summary.items():
-            if stage in rows:
-                print(f"{stage:18s} {label:14s} " +
-                      " ".join(f"{rows[stage][c]:8.2f}" for c in cols))
+    for title, get in (("seconds", lambda row: row),
+                       ("CPU seconds (total in the wall column)",
+                        lambda row: {**row["cpu"], "wall": row["cpu"]["total"]})):
+        print(f"{title}, medians:")
+        print(f"{'stage':18s} {'variant':14s} " + " ".join(f"{c[:8]:>8s}" for c in cols))
+        for stage in stages:
+            for label, rows in summary.items():
+                if stage in rows:
+                    row = get(rows[stage])
+                    print(f"{stage:18s} {label:14s} " + " ".join(f"{row[c]:8.2f}" for c in cols))
     for label, rows in summary.items():
         for stage, row in rows.items():
             if row.get("imports"):

@@ -5,7 +5,8 @@
 Runs from the project root like `python -m stages.X ARGS`: the stage module is imported (its
 imports timed), then `cli.run(main, ...)` as its `__main__` block would. Named aebench functions
 are wrapped with timers; time is charged to the innermost category only (self time), so the
-parts add up to the time in the process. `import` statements charge `import`, except inside
+parts add up to the time in the process; the same in CPU seconds (less sensitive to a busy
+machine). `import` statements charge `import`, except inside
 `first_use` (the first optimizer: its lazy import of torch._dynamo is that cost). Functions a
 tree does not have are skipped, so one probe times any version of the stages. Stdlib only, so
 that the probe adds nothing to the stage's imports.
@@ -25,6 +26,7 @@ import threading
 import time
 
 START = time.monotonic()  # CLOCK_MONOTONIC: comparable with the parent's clock on Linux
+CPU_START = time.process_time()  # the interpreter's start-up, in CPU seconds
 
 # category -> functions "module:attribute"; a context manager is timed in enter and exit only
 CATEGORIES = {
@@ -54,21 +56,26 @@ ONCE = {"aebench.training:make_optimizer"}
 totals: dict[str, float] = {}
 imports: dict[str, float] = {}  # "torch (in other)" -> seconds in import statements
 stack = ["other"]
-last = [START]
+cpu: dict[str, float] = {}  # the same, in CPU seconds of this process (all its threads)
+last = [START, CPU_START]
+
+
+def charge() -> None:
+    """Wall and CPU time since the last change go to the category on top of the stack."""
+    now, cpu_now = time.monotonic(), time.process_time()
+    totals[stack[-1]] = totals.get(stack[-1], 0.0) + now - last[0]
+    cpu[stack[-1]] = cpu.get(stack[-1], 0.0) + cpu_now - last[1]
+    last[:] = [now, cpu_now]
 
 
 def push(category: str) -> None:
-    now = time.monotonic()
-    totals[stack[-1]] = totals.get(stack[-1], 0.0) + now - last[0]
+    charge()
     stack.append(category)
-    last[0] = now
 
 
 def pop() -> None:
-    now = time.monotonic()
-    totals[stack[-1]] = totals.get(stack[-1], 0.0) + now - last[0]
+    charge()
     stack.pop()
-    last[0] = now
 
 
 def timed(category: str, fn):
@@ -172,7 +179,7 @@ def at_exit(out: str) -> None:
     handler ran; what follows is the interpreter's teardown."""
     with open(out) as f:
         record = json.load(f)
-    record["handlers_done"] = time.monotonic()
+    record["handlers_done"], record["cpu_handlers_done"] = time.monotonic(), time.process_time()
     with open(out, "w") as f:
         json.dump(record, f)
 
@@ -197,7 +204,8 @@ def main() -> None:
         pop()  # "other", the bottom of the stack
         with open(out, "w") as f:
             json.dump({"start": START, "end": time.monotonic(), "code": code,
-                       "parts": totals, "imports": imports}, f)
+                       "parts": totals, "imports": imports, "cpu_start": CPU_START,
+                       "cpu_end": time.process_time(), "cpu": cpu}, f)
 
 
 if __name__ == "__main__":
