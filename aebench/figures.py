@@ -33,7 +33,7 @@ LATENT_N = 2000              # test images in the latent-space scatter
 class Inputs:
     cfgs: dict[str, ModelConfig]
     nets: dict[str, nn.Module]                   # replica 0 of each model
-    headline: dict[str, dict]                    # metrics/models.json
+    headline: dict[str, dict]                    # metrics/<model>.json of each model
     details: dict[str, dict]                     # evaluate's details: latent_dim, mean metrics
     pca_curve: dict[str, np.ndarray]             # "components", "test_mse"
     curves: dict[str, dict[str, np.ndarray]]     # per model: "epoch", "test_mse", ... (+ _std)

@@ -63,9 +63,3 @@ def pca_at(curve: dict[str, np.ndarray], latent: int) -> dict[str, float]:
         raise ValueError(f"the PCA curve has no row for {k} components")
     return {"k": k, "mse": float(curve["test_mse"][hit[0]])}
 
-
-def headline(curve: dict[str, np.ndarray], latents) -> dict[str, dict[str, float]]:
-    """PCA's test MSE and SSE/image at each latent size in use below full rank (at 784 PCA is
-    exact: nothing to diff), from the PCA curve (k = 0..784)."""
-    at = {k: pca_at(curve, k)["mse"] for k in sorted(set(latents)) if k < N_PIXELS}
-    return {f"pca{k}": {"mse": mse, "sse_per_image": N_PIXELS * mse} for k, mse in at.items()}

@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .compare import ALPHA, detectable
 from .constants import N_PIXELS, REFERENCES
+from .stats import ALPHA, detectable
 
 DASH = "—"
 
@@ -98,7 +98,9 @@ def noise_sentence(headline: dict) -> str:
                 "between two commits from seed noise; set train.replicas to 3 or more.")
     return (f"With n = {n} replicas per side, a difference between two commits is real "
             f"(Welch's t-test, p < {ALPHA}) only when it exceeds about "
-            f"{detectable(n):.1f} × the std across replicas; `aebench compare` runs that test.")
+            f"{detectable(n):.1f} × the std across replicas. Where both commits trained the same "
+            "seeds, `aebench compare` pairs replica i with replica i, which tells much smaller "
+            "changes from noise.")
 
 
 def figure_links(figures_dir: str | Path, report_path: str | Path) -> list[str]:

@@ -1,18 +1,20 @@
 """Stage evaluate: every replica of every model on the 10,000 test images, on one scale.
 
-Reads params.yaml sections `models`, `train.replicas` and `evaluate`. Writes MODELS_JSON (the
-headline a reviewer diffs: per model mean and std over replicas, and n), PCA_JSON (PCA at the
-latent sizes in use, from PCA_CURVE) and DETAILS_JSON (every replica's metrics, per digit too,
-for the report and figures). In MLflow: a new evaluation run; each replica's metrics attach to
-its logged model. Training runs are never written to.
+Reads params.yaml sections `models`, `train.replicas` and `evaluate`. Writes METRICS_DIR (DVC's
+metrics, one file per model: the headline a reviewer diffs, mean and std over replicas and n,
+and PCA's mse at its latent size from PCA_CURVE; see aebench.metric_files) and DETAILS_JSON
+(every replica's metrics with its seed, per digit too, for the report, figures and compare).
+In MLflow: a new evaluation run holding the headline, its table and these files; each
+replica's metrics attach to its logged model; @best of each registered model is its lowest test
+MSE replica. Training runs are never written to.
 """
 
 import sys
 
 from aebench import cli, config, constants, data, files, kinds, metrics, models, pca, tracking
+from aebench.metric_files import write as write_metrics
 
-USAGE = ("python -m stages.evaluate CSV_DIR MODELS_DIR PCA_CURVE MODELS_JSON PCA_JSON "
-         "DETAILS_JSON")
+USAGE = "python -m stages.evaluate CSV_DIR MODELS_DIR PCA_CURVE METRICS_DIR DETAILS_JSON"
 
 
 def main(args) -> None:
@@ -48,10 +50,11 @@ def main(args) -> None:
             mse = headline[name]["mse"]
             print(f"evaluate: {name}: test mse {mse['mean']:.5f} ± {mse['std']:.5f} "
                   f"(n = {len(results)})", file=sys.stderr)
-    files.write_json(args.models_json, headline)
-    latents = [d["latent_dim"] for d in details.values()]
-    files.write_json(args.pca_json, pca.headline(curve, latents))
-    files.write_json(args.details_json, details)
+        with files.output_group():  # the metrics folder and the details change together
+            write_metrics(args.metrics_dir, headline, {n: d["pca"] for n, d in details.items()})
+            files.write_json(args.details_json, details)
+        tracking.log_results(headline, details, [args.metrics_dir, args.details_json],
+                             args.details_json)
 
 
 if __name__ == "__main__":

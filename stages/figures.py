@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from aebench import cli, config, constants, data, figures, files, kinds, models, tracking
+from aebench.metric_files import read as read_metrics
 
-USAGE = ("python -m stages.figures CSV_DIR MODELS_DIR MODELS_JSON DETAILS_JSON CURVES_DIR "
+USAGE = ("python -m stages.figures CSV_DIR MODELS_DIR METRICS_DIR DETAILS_JSON CURVES_DIR "
          "PCA_CURVE OUT_DIR OVERLAY_CSV")
 CURVE = ("epoch", "test_mse", "train_loss")
 
@@ -20,11 +21,12 @@ def main(args) -> None:
     cfgs = kinds.read_models(params)
     noise_seed = config.section(params, "evaluate", config.Evaluate).noise_seed
     nets = {n: models.load_replicas(args.models_dir, n, c, 1)[0][0] for n, c in cfgs.items()}
-    headline, details = files.read_json(args.models_json), files.read_json(args.details_json)
-    missing = [n for n in cfgs if n not in headline or n not in details]
+    details = files.read_json(args.details_json)
+    missing = [n for n in cfgs if n not in details]
     if missing:
-        raise ValueError(f"{args.models_json}: no metrics for {', '.join(missing)}; rerun "
+        raise ValueError(f"{args.details_json}: no metrics for {', '.join(missing)}; rerun "
                          "`dvc repro evaluate`")
+    headline = read_metrics(args.metrics_dir, cfgs)
     experiment_id = tracking.open_store()
     inputs = figures.Inputs(
         cfgs=cfgs, nets=nets, headline=headline, details=details,
@@ -34,8 +36,9 @@ def main(args) -> None:
         train=data.read_mnist_csv(f"{args.csv_dir}/{constants.CSV_NAMES['train']}",
                                   limit=figures.TRAIN_IMAGE + 1, short_ok=True),
         noise_seed=noise_seed)
-    paths = figures.draw_all(inputs, Path(args.out_dir))
-    files.write_csv_rows(args.overlay_csv, figures.overlay_rows(inputs.curves))
+    with files.output_group():  # every PNG and the table change, or none
+        paths = figures.draw_all(inputs, Path(args.out_dir))
+        files.write_csv_rows(args.overlay_csv, figures.overlay_rows(inputs.curves))
     with tracking.evaluation_run(experiment_id, name="figures"):
         tracking.log_artifacts(paths)
     for path in paths:

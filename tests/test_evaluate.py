@@ -11,9 +11,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import REPO, STALE_MODEL, TINY_MODELS, dvc_args, run_stage
 
-from aebench import files, kinds, models
+from aebench import files, kinds, models, tracking
 
 DIGITS = {str(d) for d in range(10)}
 
@@ -23,9 +24,11 @@ def read(project, path):
 
 
 def test_headline_is_mean_std_and_n_per_model(project):
-    headline = read(project, "metrics/models.json")
+    # one file per model, the stale folder's model has none
+    assert sorted(p.name for p in (project.root / "metrics").iterdir()) == \
+        sorted(f"{n}.json" for n in TINY_MODELS)
+    headline = {n: read(project, f"metrics/{n}.json") for n in TINY_MODELS}
     details = read(project, "reports/details.json")
-    assert list(headline) == list(TINY_MODELS)  # params order; the stale folder is no model
     for name, h in headline.items():
         assert h["n"] == 2
         mses = [r["mse"] for r in details[name]["replicas"]]
@@ -36,7 +39,8 @@ def test_headline_is_mean_std_and_n_per_model(project):
         assert h["sse_per_image"]["mean"] == pytest.approx(784 * h["mse"]["mean"], rel=1e-5)
     # deep3 trains on [-1,1] pixels: its loss is its own number; convnoisy's mse on [0,1] is
     # the common metric itself, so the headline does not repeat it
-    assert set(headline["deep3"]) == {"mse", "sse_per_image", "test_loss", "n"}
+    # deep3's code of 3 has a PCA bar; convnoisy's 1152 >= 784 gets exact PCA, left out
+    assert set(headline["deep3"]) == {"mse", "sse_per_image", "test_loss", "n", "pca_mse"}
     assert set(headline["convnoisy"]) == {"mse", "sse_per_image", "n"}
     assert headline["deep3"]["test_loss"]["mean"] == \
         pytest.approx(4 * headline["deep3"]["mse"]["mean"], rel=1e-4)
@@ -67,12 +71,10 @@ def test_details_have_every_replica_per_digit_and_pca(project):
     assert "denoise_mse" not in details["deep3"]["replicas"][0]
 
 
-def test_pca_json_has_only_latent_sizes_below_784(project):
-    pca = read(project, "metrics/pca.json")
-    assert list(pca) == ["pca3"]  # deep3's code; convnoisy's 1152 gets exact PCA, left out
+def test_pca_mse_is_pca_at_the_latent_size(project):
     curve = files.read_columns(project.root / "plots/pca_curve.csv", ("components", "test_mse"))
-    assert pca["pca3"] == {"mse": pytest.approx(curve["test_mse"][3], rel=1e-5),
-                           "sse_per_image": pytest.approx(784 * curve["test_mse"][3], rel=1e-5)}
+    assert read(project, "metrics/deep3.json")["pca_mse"] == \
+        pytest.approx(curve["test_mse"][3], rel=1e-5)
 
 
 def test_metrics_reach_mlflow_attached_to_the_logged_models(project, mlflow_client):
@@ -99,14 +101,55 @@ def test_metrics_reach_mlflow_attached_to_the_logged_models(project, mlflow_clie
     assert "test_denoise_mse" in by_name["convnoisy-r0-eval"].data.metrics
 
 
+def test_the_evaluate_run_holds_the_headline_and_sets_best(project_copy, mlflow_client):
+    run_stage("evaluate")  # its own evaluation: other tests retrain (and drop @best)
+    headline = {n: files.read_json(project_copy / f"metrics/{n}.json") for n in TINY_MODELS}
+    details = files.read_json(project_copy / "reports/details.json")
+    client = mlflow_client
+    experiment = client.get_experiment_by_name("aebench").experiment_id
+    (run, *_) = client.search_runs([experiment], "attributes.run_name = 'evaluate'",
+                                   order_by=["attributes.start_time DESC"])
+    assert run.data.tags["details_sha256"] == \
+        tracking.sha256_file(project_copy / "reports/details.json")
+    for name in TINY_MODELS:
+        assert run.data.metrics[f"evaluation/test_mse.{name}"] == \
+            pytest.approx(headline[name]["mse"]["mean"], rel=1e-5)
+        assert run.data.metrics[f"evaluation/test_mse_std.{name}"] == \
+            pytest.approx(headline[name]["mse"]["std"], rel=1e-5)
+        assert run.data.metrics[f"evaluation/pca_mse.{name}"] == \
+            pytest.approx(details[name]["pca"]["mse"], rel=1e-5)
+        # @best: the version of the checkpoint with the lowest test mse
+        mses = [r["mse"] for r in details[name]["replicas"]]
+        best = mses.index(min(mses))
+        version = client.get_model_version_by_alias(f"aebench-{name}", "best")
+        assert version.tags["weights_sha256"] == tracking.sha256_file(
+            project_copy / f"data/models/{name}/r{best}.pt")
+    assert "evaluation/test_loss.deep3" in run.data.metrics
+    assert "evaluation/test_loss.convnoisy" not in run.data.metrics  # mse on [0,1]: the mse
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "metrics")) == \
+        sorted(f"metrics/{n}.json" for n in TINY_MODELS)  # the metrics folder, file by file
+    table = client.load_table(experiment, "headline.json", run_ids=[run.info.run_id])
+    assert sorted(table["model"]) == sorted(TINY_MODELS) and list(table["n"]) == [2, 2]
+
+
 def test_same_weights_give_byte_identical_files(project, project_copy):
     # the weights of a model no longer in params.yaml are not read, let alone evaluated
     (project_copy / "data/models" / STALE_MODEL / "r0.pt").write_bytes(b"garbage")
     run_stage("evaluate")  # the arguments of dvc.yaml
-    for path in ("metrics/models.json", "metrics/pca.json", "reports/details.json"):
+    for path in [f"metrics/{n}.json" for n in TINY_MODELS] + ["reports/details.json"]:
         assert (project_copy / path).read_bytes() == (project.root / path).read_bytes(), path
     assert STALE_MODEL not in (project_copy / "reports/details.json").read_text()
     assert not list(project_copy.rglob("*.tmp"))
+
+
+def test_a_removed_model_loses_its_metrics_file(project_copy):
+    (project_copy / "metrics" / f"{STALE_MODEL}.json").write_text("{}")  # from an older run
+    params = yaml.safe_load((project_copy / "params.yaml").read_text())
+    del params["models"]["convnoisy"]
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_stage("evaluate")
+    assert [p.name for p in (project_copy / "metrics").iterdir()] == ["deep3.json"]
+    assert list(json.loads((project_copy / "reports/details.json").read_text())) == ["deep3"]
 
 
 def test_missing_replica_names_the_file(project_copy):
@@ -116,10 +159,35 @@ def test_missing_replica_names_the_file(project_copy):
         run_stage("evaluate")
 
 
-def test_garbage_weights_name_the_file(project_copy):
-    (project_copy / "data/models/deep3/r0.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="data/models/deep3/r0.pt: not a valid"):
+@pytest.mark.parametrize("damage", ["garbage", "overwritten", "truncated"])
+def test_damaged_weights_are_one_line_naming_the_file_and_the_fix(project_copy, damage):
+    path = project_copy / "data/models/deep3/r0.pt"
+    good = path.read_bytes()
+    bad = {"garbage": b"not a checkpoint",  # torch's reply advises weights_only=False: not ours
+           "overwritten": good[:2000] + b"\xff" * 3000 + good[5000:],
+           "truncated": good[:5000]}[damage]
+    path.write_bytes(bad)
+    with pytest.raises(ValueError) as err:
         run_stage("evaluate")
+    why = {"garbage": "not a zip archive: File is not a zip file",
+           # torch.load itself reads these weights without a word: the zip's CRC-32 tells
+           "overwritten": "member archive/data/0 fails its CRC-32 check",
+           "truncated": "not a zip archive: File is not a zip file"}[damage]
+    assert str(err.value) == (
+        f"data/models/deep3/r0.pt: not a readable aebench checkpoint ({why}); put the folder "
+        "back with `dvc checkout data/models/deep3` or retrain with `dvc repro train@deep3`")
+
+
+def test_swapped_replica_files_are_refused(project_copy):
+    folder = project_copy / "data/models/deep3"
+    os.rename(folder / "r0.pt", folder / "swap")
+    os.rename(folder / "r1.pt", folder / "r0.pt")
+    os.rename(folder / "swap", folder / "r1.pt")
+    with pytest.raises(ValueError) as err:
+        run_stage("evaluate")
+    assert str(err.value).startswith(
+        "data/models/deep3/r0.pt: holds model 'deep3' replica 1 (seed 1), not 'deep3' replica 0 "
+        "(seed 0): files were renamed or mixed; put the folder back with `dvc checkout")
 
 
 def test_checkpoint_of_other_config_names_the_file_and_keys(project_copy):
@@ -137,7 +205,7 @@ def test_failure_leaves_the_outputs_untouched(project, project_copy):
     torch.save(state, project_copy / "data/models/deep3/r1.pt")
     with pytest.raises(ValueError, match="data/models/deep3/r1.pt: weights do not fit"):
         run_stage("evaluate")
-    for path in ("metrics/models.json", "metrics/pca.json", "reports/details.json"):
+    for path in [f"metrics/{n}.json" for n in TINY_MODELS] + ["reports/details.json"]:
         assert (project_copy / path).read_bytes() == (project.root / path).read_bytes(), path
 
 

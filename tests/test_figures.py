@@ -6,18 +6,26 @@ on a single replica and on models that leave a figure with nothing to show."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
-import json
+import os
+import shutil
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import STALE_MODEL, dvc_args, run_stage
+import yaml
+from conftest import REPO, STALE_MODEL, dvc_args, run_stage
 from PIL import Image
 
-from aebench import config, constants, data, drawing, figures, files, kinds, models
+from aebench import config, constants, data, drawing, figures, files, kinds, metric_files, models
 
 EVERY_PNG = set(figures.FIGURES)
 VOLATILE = ("Software", "Creation Time", "date:create", "date:modify", "Date")
@@ -109,13 +117,48 @@ def test_figures_go_to_an_evaluation_run(root, mlflow_client):
 
 def test_missing_metrics_fail_naming_the_model(in_root, tmp_path):
     args = dvc_args("figures")
-    partial = tmp_path / "models.json"
-    headline = json.loads((in_root / args[2]).read_text())
-    partial.write_text(json.dumps({"deep3": headline["deep3"]}))
+    partial = tmp_path / "metrics"  # deep3's file only
+    partial.mkdir()
+    (partial / "deep3.json").write_bytes((in_root / args[2] / "deep3.json").read_bytes())
     args[2], args[OUT_DIR] = str(partial), str(tmp_path / "out")
-    with pytest.raises(ValueError, match=r"no metrics for convnoisy; rerun `dvc repro evaluate`"):
+    with pytest.raises(FileNotFoundError, match=r"metrics/convnoisy.json: missing; run `dvc "
+                                                r"repro`"):
         run_stage("figures", *args)
     assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_figures_change_no_output(root, project, tmp_path):
+    # Ctrl-C while the PNGs are drawn, after denoising.png is done (it would change: another
+    # noise seed) and before test_mse.png: no PNG and no table may be replaced, or all of them.
+    copy = Path(shutil.copytree(root, tmp_path / "project"))
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["evaluate"]["noise_seed"] += 1
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    outputs = [copy / dvc_args("figures")[OVERLAY],
+               *sorted((copy / dvc_args("figures")[OUT_DIR]).iterdir())]
+    def state(path: Path) -> tuple[int, str]:  # a replaced file is a new inode
+        return path.stat().st_ino, hashlib.sha256(path.read_bytes()).hexdigest()
+
+    before = {p.name: state(p) for p in outputs}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": project.tracking_uri}
+    stage = subprocess.Popen([sys.executable, "-m", "stages.figures", *dvc_args("figures")],
+                             cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                         signal.SIG_DFL))
+    own = copy / ".dvc/tmp/aebench" / f"{socket.gethostname()}-{stage.pid}"
+    for _ in range(1200):  # training_curves.png under way: denoising.png is written
+        if own.is_dir() and any(p.name.startswith(".training_curves.png.")
+                                for p in own.iterdir()):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"figures never got to training_curves.png: {stage.communicate()}")
+    stage.send_signal(signal.SIGINT)
+    _, err = stage.communicate(timeout=120)
+    assert (stage.returncode, err.splitlines()[-1]) == (130, "interrupted: stages.figures "
+                                                             "(SIGINT)")
+    assert {p.name: state(p) for p in outputs} == before
+    assert not own.exists()  # its temporaries went with it
 
 
 # --------------------------------------------------------------------------- figure functions
@@ -131,7 +174,7 @@ def inputs(project) -> figures.Inputs:
         cfgs=cfgs,
         nets={n: models.load_replicas(root / "data/models", n, c, 1)[0][0]
               for n, c in cfgs.items()},
-        headline=files.read_json(root / "metrics/models.json"),
+        headline=metric_files.read(root / "metrics", cfgs),
         details=files.read_json(root / "reports/details.json"),
         pca_curve=files.read_columns(root / "plots/pca_curve.csv", ("components", "test_mse")),
         curves={n: files.read_columns(root / f"plots/curves/{n}.csv", ("epoch",)) for n in cfgs},

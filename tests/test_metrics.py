@@ -11,7 +11,7 @@ import torch
 from conftest import run_stage
 from torch import nn
 
-from aebench import data, files, kinds, metrics, pca
+from aebench import data, files, kinds, metric_files, metrics, pca
 
 # --------------------------------------------------------------------------- reconstruction
 
@@ -141,12 +141,12 @@ def test_pca_at_caps_the_latent_size_at_784():
         pca.pca_at({"components": np.arange(10.0), "test_mse": np.zeros(10)}, 30)
 
 
-def test_pca_headline_has_only_latent_sizes_below_784():
+def test_metrics_file_adds_pca_mse_below_784_only():
     # at 784 and above PCA is exact (mse 0): nothing for a reviewer to diff
-    result = pca.headline(CURVE, [288, 8, 784, 1000, 8])
-    assert list(result) == ["pca8", "pca288"]  # sorted, each once
-    assert result["pca8"]["mse"] == pytest.approx(CURVE["test_mse"][8])
-    assert result["pca8"]["sse_per_image"] == pytest.approx(784 * CURVE["test_mse"][8])
+    head = {"mse": {"mean": 0.01, "std": 0.001}, "n": 3}
+    assert metric_files.entry(head, pca.pca_at(CURVE, 8)) == \
+        {**head, "pca_mse": pytest.approx(CURVE["test_mse"][8])}
+    assert metric_files.entry(head, pca.pca_at(CURVE, 1000)) == head
 
 
 # --------------------------------------------------------------------------- evaluate_model
