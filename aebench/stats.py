@@ -13,7 +13,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
 
 ALPHA = 0.05
 SPREAD_FACTOR = 2.0  # a spread flag also needs the std to change by at least this factor
@@ -25,6 +24,8 @@ def paired(a: Sequence[float], b: Sequence[float]) -> float:
     d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
     if np.all(d == d[0]):
         return 1.0 if d[0] == 0 else 0.0
+    from scipy import stats  # here, not at the top: importing it takes about a second
+
     return float(stats.ttest_rel(b, a).pvalue)
 
 
@@ -34,6 +35,8 @@ def welch(a: tuple[float, float, int], b: tuple[float, float, int]) -> float:
     (ma, sa, na), (mb, sb, nb) = a, b
     if sa == 0 and sb == 0:
         return 1.0 if ma == mb else 0.0
+    from scipy import stats
+
     return float(stats.ttest_ind_from_stats(ma, sa, na, mb, sb, nb, equal_var=False).pvalue)
 
 
@@ -43,6 +46,8 @@ def spread(a: tuple[float, float, int], b: tuple[float, float, int]) -> float:
     (_, sa, na), (_, sb, nb) = a, b
     if sa == 0 or sb == 0:
         return 1.0 if sa == sb else 0.0
+    from scipy import stats
+
     f = stats.f(nb - 1, na - 1)
     ratio = sb**2 / sa**2
     return float(min(1.0, 2 * min(f.cdf(ratio), f.sf(ratio))))
@@ -68,4 +73,8 @@ def spread_ratio(sa: float, sb: float) -> float:
 def detectable(n: int, alpha: float = ALPHA) -> float:
     """The smallest change, in stds across seeds, that Welch's test calls real at `alpha` when
     both sides have n seeds and the same std: t = d / (std * sqrt(2/n)), 2n - 2 dof."""
-    return float(stats.t.ppf(1 - alpha / 2, 2 * n - 2) * math.sqrt(2 / n))
+    # Student's t quantile, as scipy.stats.t.ppf computes it, without importing scipy.stats:
+    # the report stage needs only this number.
+    from scipy.special import stdtrit
+
+    return float(stdtrit(2 * n - 2, 1 - alpha / 2) * math.sqrt(2 / n))

@@ -192,3 +192,29 @@ def test_stage_stops_when_dvc_repro_is_terminated(prog, shell):
     took = wait_for(lambda: not alive(pid), 5)
     assert (prog / "cleaned").exists()
     print(f"stage stopped {took:.2f} s after SIGTERM to dvc repro (SHELL={shell})")
+
+
+EXIT_PROG = '''
+"""python exit_prog.py DIR"""
+import atexit, gc, sys
+from pathlib import Path
+from aebench import cli
+
+# registered before cli.run, so it runs after cli.run's own exit handler (last in, first out)
+atexit.register(lambda: Path(sys.argv[1], "frozen").write_text(str(gc.get_freeze_count())))
+
+def main(args):
+    atexit.register(lambda: Path(args.dir, "handler").write_text("ran"))
+    print("unflushed output")  # a pipe: block-buffered, written only at exit
+
+cli.run(main, "python exit_prog.py DIR", __doc__)
+'''
+
+
+def test_quick_exit_freezes_after_the_handlers_and_loses_no_output(tmp_path):
+    (tmp_path / "exit_prog.py").write_text(EXIT_PROG)
+    done = subprocess.run([sys.executable, "exit_prog.py", "."], cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "unflushed output\n", "")
+    assert (tmp_path / "handler").read_text() == "ran"
+    assert int((tmp_path / "frozen").read_text()) > 0  # the final collection skips them

@@ -185,6 +185,13 @@ def test_welch_and_spread_with_zero_std():
     assert stats.spread((1.0, 0.1, 3), (1.0, 0.4, 3)) == pytest.approx(2 / 17)
 
 
+@pytest.mark.parametrize("alpha", [0.05, 0.01])
+def test_detectable_is_the_t_quantile_times_sqrt_2_over_n(alpha):
+    for n in range(2, 40):
+        want = scipy_stats.t.ppf(1 - alpha / 2, 2 * n - 2) * (2 / n) ** 0.5
+        assert stats.detectable(n, alpha) == pytest.approx(want, rel=1e-12)
+
+
 # --------------------------------------------------------------------------- the command
 
 DVC_YAML = """stages:

@@ -3,6 +3,10 @@ the noise sentence, denoising, figure links; and the report stage on the session
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 from conftest import STALE_MODEL, TINY_MODELS, run_stage
 
@@ -133,3 +137,13 @@ def test_report_stage(project_copy, mlflow_client):
     assert [a.path for a in mlflow_client.list_artifacts(evaluation.info.run_id, "reports")] == \
         ["reports/details.json", "reports/summary.md"]
     assert evaluation.data.tags["mlflow.note.content"].endswith(text)
+
+
+def test_the_noise_sentence_does_not_import_scipy_stats():
+    """Its one number (detectable) comes from scipy.special: scipy.stats would add most of a
+    second to the report stage's start."""
+    code = ("import sys\nfrom aebench import report\nreport.noise_sentence({'m': {'n': 3}})\n"
+            "print('scipy.stats' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "False\n"), done.stderr
