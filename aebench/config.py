@@ -39,6 +39,7 @@ class Train(Section):
     device: Literal["auto", "cuda", "mps", "cpu"]
     path: Literal["fast", "eager"]
     limit: int = Field(ge=0)
+    workers: int = Field(ge=0)  # 0: auto, min(usable cores, replicas) on the CPU
 
 
 class Evaluate(Section):

@@ -123,6 +123,8 @@ def test_the_source_file_is_named(params, tmp_path):
     ("path", "turbo", "allowed values: fast or eager"),
     ("limit", -1, "greater than or equal to 0"),
     ("replicas", 0, "greater than or equal to 1"),
+    ("workers", -1, "greater than or equal to 0"),
+    ("workers", "auto", "valid integer"),
     ("seed", "zero", "valid integer"),
     ("typo", 1, "unknown key"),
 ])
