@@ -147,7 +147,7 @@ TINY_MODELS = {
 }
 TINY_PARAMS = {
     "train": {"seed": 0, "replicas": 2, "device": "cpu", "path": "fast", "limit": TRAIN_LIMIT,
-              "workers": 0},
+              "workers": 2},  # two worker processes whatever the cores: the path under test
     "evaluate": {"noise_seed": 1234},
     "models": TINY_MODELS,
 }

@@ -150,24 +150,24 @@ def test_one_param_change_retrains_and_rescores_only_that_model(repos):
     assert {key.split(".")[0] for key in diff} == {"under30"}
 
 
-def trainers_in(repo: Path) -> list[int]:
-    """Pids of `stages.train` processes working in `repo`."""
-    pids = subprocess.run(["pgrep", "-f", "stages.train"], capture_output=True,
-                          text=True).stdout.split()
-    alive = []
-    for pid in map(int, pids):
+def processes_in(repo: Path) -> dict[int, str]:
+    """{pid: command line} of every process working in `repo`: dvc, the stage, its workers."""
+    found = {}
+    for proc in Path("/proc").iterdir():
         try:
-            if Path(f"/proc/{pid}/cwd").resolve() == repo.resolve():
-                alive.append(pid)
-        except OSError:  # gone meanwhile
+            if proc.name.isdigit() and (proc / "cwd").resolve() == repo.resolve():
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ")\
+                    .decode()
+        except OSError:  # gone meanwhile, or not ours to see
             pass
-    return alive
+    return found
 
 
-def test_killing_dvc_repro_stops_the_trainer_and_changes_no_committed_file(repos):
+def test_killing_dvc_repro_stops_the_trainer_and_its_workers_and_changes_nothing(repos):
     repo = repos["b"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["models"]["under30"]["epochs"] = 500  # long enough to be killed mid-training
+    params["train"]["workers"] = 2  # its two replicas in two workers, whatever the cores
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-q", "-m", "results and a long under30")
@@ -175,18 +175,21 @@ def test_killing_dvc_repro_stops_the_trainer_and_changes_no_committed_file(repos
     before = db.execute("select count(*) from runs").fetchone()[0]
     dvc = subprocess.Popen(["dvc", "repro", "train@under30"], cwd=repo, env=env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):  # until replica 0's run exists: the trainer is training
-        if db.execute("select count(*) from runs where name = 'under30-r0' and status = "
-                      "'RUNNING'").fetchone()[0]:
+    for _ in range(600):  # until replica 0's run exists and both workers have started
+        workers = [cmd for cmd in processes_in(repo).values() if "multiprocessing" in cmd]
+        if len(workers) == 2 and db.execute(
+                "select count(*) from runs where name = 'under30-r0' and status = 'RUNNING'"
+                ).fetchone()[0]:
             break
         time.sleep(0.1)
+    assert len(workers) == 2, processes_in(repo)
     dvc.terminate()  # SIGTERM to dvc alone: DVC does not forward it to the stage
     dvc.wait(timeout=30)
-    for _ in range(100):  # the trainer notices its parent is gone and stops within seconds
-        if not trainers_in(repo):
+    for _ in range(300):  # the trainer notices its parent is gone and stops within seconds
+        if not processes_in(repo):
             break
         time.sleep(0.1)
-    assert trainers_in(repo) == []
+    assert processes_in(repo) == {}  # no trainer, no worker left behind
     assert sh(repo, "git", "status", "--porcelain") == ""  # no committed file changed or lost
     new = dict(db.execute("select name, status from runs order by start_time")
                .fetchall()[before:])

@@ -15,8 +15,9 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, TINY_MODELS, TRAIN_LIMIT, run_stage
+from test_workers import FlakyConfig, flaky
 
-from aebench import constants, kinds, tracking, training
+from aebench import constants, kinds, tracking, training, workers
 from aebench.config import ConfigError
 
 CURVE_HEADER = ["epoch", "test_mse", "test_mse_std", "train_loss", "train_loss_std"]
@@ -86,9 +87,10 @@ def test_training_is_recorded_in_mlflow(project, mlflow_client):
         assert params["replicas"] == "2" and params["kind"] == TINY_MODELS[name]["kind"]
 
 
-def test_same_seed_gives_byte_identical_checkpoints(project, project_copy):
+def test_one_after_another_gives_the_bytes_of_two_workers(project, project_copy):
     shutil.rmtree(project_copy / "data/models/deep3")
     (project_copy / "plots/curves/deep3.csv").unlink()
+    set_params(project_copy, lambda p: p["train"].update(workers=1))  # the project used 2
     run_stage("train", key="deep3")  # the arguments of dvc.yaml
     for path in ("data/models/deep3/r0.pt", "data/models/deep3/r1.pt", "plots/curves/deep3.csv"):
         assert (project_copy / path).read_bytes() == (project.root / path).read_bytes(), path
@@ -101,7 +103,9 @@ def test_diverging_run_writes_nothing_and_its_run_fails(project, project_copy, m
     blowup = {**TINY_MODELS["deep3"], "pixels": "0,1", "code_activation": "relu",
               "output_activation": "relu",
               "optimizer": {"name": "adam", "lr": 1.0e6, "weight_decay": 0.0}}
-    set_params(project_copy, lambda p: p["models"].update(blowup=blowup))
+    # one process: both replicas diverge, and in workers whichever is seen first would fail
+    set_params(project_copy, lambda p: (p["models"].update(blowup=blowup),
+                                        p["train"].update(workers=1)))
     with pytest.raises(training.TrainingError, match=r"model blowup-r0: .* at epoch 1 .* "
                                                      r"the run diverged"):
         run_stage("train", key="blowup")
@@ -113,6 +117,38 @@ def test_diverging_run_writes_nothing_and_its_run_fails(project, project_copy, m
     (parent,) = mlflow_client.search_runs([experiment], "attributes.run_name = 'blowup'")
     (child,) = mlflow_client.search_runs([experiment], "attributes.run_name = 'blowup-r0'")
     assert parent.info.status == child.info.status == "FAILED"
+
+
+@pytest.fixture
+def flaky_kind():
+    """test_workers.FlakyConfig registered for one test; the registry restored after."""
+    saved = dict(kinds.KINDS)
+    kinds.register(FlakyConfig)
+    yield
+    kinds.KINDS.clear()
+    for cls in saved.values():
+        kinds.register(cls)
+
+
+def test_a_failing_worker_fails_its_run_and_kills_the_running_ones(project, project_copy,
+                                                                   mlflow_client, flaky_kind):
+    # replica 0 trains "forever"; replica 1's worker is SIGKILLed at its first step (as the OOM
+    # killer would): r1's run FAILED, r0's KILLED (stopped), the model's FAILED, nothing written
+    entry = flaky("sigkill").model_dump()
+    set_params(project_copy, lambda p: (p["models"].update(flaky=entry),
+                                        p["train"].update(replicas=3)))
+    with pytest.raises(workers.ReplicaError, match=r"^model flaky-r1: its worker process "
+                                                   r"\(pid \d+\) was killed by SIGKILL") as err:
+        run_stage("train", key="flaky")
+    assert "\n" not in str(err.value)
+    assert not (project_copy / "data/models/flaky").exists()
+    assert not (project_copy / "plots/curves/flaky.csv").exists()
+    assert sorted(p.name for p in (project_copy / "data/models").iterdir()) == \
+        sorted(p.name for p in (project.root / "data/models").iterdir())  # no temporary folder
+    experiment = mlflow_client.get_experiment_by_name("aebench").experiment_id
+    runs = mlflow_client.search_runs([experiment], "attributes.run_name LIKE 'flaky%'")
+    assert {r.info.run_name: r.info.status for r in runs} == \
+        {"flaky": "FAILED", "flaky-r0": "KILLED", "flaky-r1": "FAILED"}
 
 
 def test_limit_above_the_rows_is_one_line_naming_train_limit(project_copy):
