@@ -125,9 +125,8 @@ def _send_epoch(conn, replica: int, peak: list[int], record: dict) -> None:
 
 
 def _work(conn, parent: int, cfg: ModelConfig, path: str, name: str) -> None:
-    """A worker's life: get the data, then train each replica the parent sends, until None."""
-    # Ctrl-C reaches the whole process group; the parent decides what stops (and stops us).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A worker's life: get the data, then train each replica the parent sends, until None.
+    It starts with SIGINT ignored (see Replicas._start)."""
     _die_with(parent)
     train_x, test_x = (torch.from_numpy(a) for a in conn.recv())
     while (task := conn.recv()) is not None:
@@ -212,14 +211,23 @@ class Replicas:
 
     def _start(self) -> None:
         context = multiprocessing.get_context("spawn")
-        for w in range(self.workers):
-            here, there = context.Pipe()
-            proc = context.Process(target=_work, name=f"{self.name}-worker{w}", daemon=True,
-                                   args=(there, os.getpid(), self.cfg, self.path, self.name))
-            proc.start()
-            there.close()
-            self.procs.append(proc)
-            self.conns.append(here)
+        # Ctrl-C reaches the whole process group; this process decides what stops, and stops
+        # the workers. They are started with SIGINT ignored (that survives exec, so a Ctrl-C
+        # while they import prints no traceback); one in these milliseconds is lost.
+        main = threading.current_thread() is threading.main_thread()
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            for w in range(self.workers):
+                here, there = context.Pipe()
+                proc = context.Process(target=_work, name=f"{self.name}-worker{w}", daemon=True,
+                                       args=(there, os.getpid(), self.cfg, self.path, self.name))
+                proc.start()
+                there.close()
+                self.procs.append(proc)
+                self.conns.append(here)
+        finally:
+            if before is not None:
+                signal.signal(signal.SIGINT, before)
         epochs = self.cfg.epochs * len(self.seeds)
         self.bar = tqdm(total=epochs, desc=f"train {self.name} ({self.workers} workers)",
                         unit="epoch", dynamic_ncols=True)

@@ -6,16 +6,18 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_MODELS, TRAIN_LIMIT, run_stage
-from test_workers import FlakyConfig, flaky
+from conftest import REPO, TINY_MODELS, TRAIN_LIMIT, dvc_args, run_stage
+from test_workers import FlakyConfig, alive, flaky
 
 from aebench import constants, kinds, tracking, training, workers
 from aebench.config import ConfigError
@@ -149,6 +151,56 @@ def test_a_failing_worker_fails_its_run_and_kills_the_running_ones(project, proj
     runs = mlflow_client.search_runs([experiment], "attributes.run_name LIKE 'flaky%'")
     assert {r.info.run_name: r.info.status for r in runs} == \
         {"flaky": "FAILED", "flaky-r0": "KILLED", "flaky-r1": "FAILED"}
+
+
+def test_ctrl_c_stops_every_worker_and_ends_the_runs_killed(project, project_copy,
+                                                            mlflow_client):
+    # A real `python -m stages.train`, and SIGINT to its process group as a terminal's Ctrl-C
+    set_params(project_copy, lambda p: p["models"]["deep3"].update(epochs=10**6))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("AEBENCH_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train", *dvc_args("train", "deep3")],
+                            cwd=project_copy, env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    experiment = mlflow_client.get_experiment_by_name("aebench").experiment_id
+    ours = f"tags.process LIKE '%:{proc.pid}'"  # the runs this process opened
+    try:
+        for _ in range(1200):  # until both workers run and replica 0's run is open
+            kids = children(proc.pid)  # the workers, and multiprocessing's resource tracker
+            workers_ = [pid for pid, cmd in kids.items() if "spawn_main" in cmd]
+            if len(workers_) == 2 and mlflow_client.search_runs(
+                    [experiment], f"{ours} AND attributes.run_name = 'deep3-r0'"):
+                break
+            time.sleep(0.1)
+        assert len(workers_) == 2, kids
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "interrupted: stages.train (SIGINT)", err
+    assert "Traceback" not in err  # the workers ignore Ctrl-C: the parent stops them
+    deadline = time.monotonic() + 30  # multiprocessing's tracker ends when the pipe closes
+    while any(map(alive, kids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, kids)), {pid: kids[pid] for pid in kids if alive(pid)}
+    runs = mlflow_client.search_runs([experiment], ours)
+    assert {r.info.run_name: r.info.status for r in runs} == \
+        {"deep3": "KILLED", "deep3-r0": "KILLED"}
+    assert sorted(p.name for p in (project_copy / "data/models").iterdir()) == \
+        sorted(p.name for p in (project.root / "data/models").iterdir())  # no temporary folder
+
+
+def children(pid: int) -> dict[int, str]:
+    """{pid: command line} of the processes whose parent is `pid`."""
+    kids = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                kids[int(stat.parent.name)] = cmd
+        except (OSError, ValueError, IndexError):
+            pass
+    return kids
 
 
 def test_limit_above_the_rows_is_one_line_naming_train_limit(project_copy):
