@@ -47,28 +47,57 @@ class Stopped(BaseException):  # noqa: N818 - it is not an error: a run it ends 
 # --------------------------------------------------------------------------- how many workers
 
 
-def cgroup_cpus(mounts: str = "/proc/self/mounts", own: str = "/proc/self/cgroup"
-                ) -> float | None:
-    """The CPUs that cgroup v2 `cpu.max` quotas leave this process (the tightest of its own
-    cgroup and those above it), or None: no quota, or no cgroup v2."""
+# The most one worker held at its peak, resident with torch's shared libraries (conv16 on the
+# full data; benchmarks/workers.py memory): auto starts no more workers than memory has room for.
+WORKER_MEMORY = 1536 * 2**20
+
+
+def _cgroup_folders(mounts: str, own: str) -> list[Path]:
+    """This process's cgroup v2 folder and those above it, up to the root; [] without v2."""
     try:
         root = next(Path(line.split()[1]) for line in Path(mounts).read_text().splitlines()
                     if line.split()[2:3] == ["cgroup2"])
         path = next(line[3:] for line in Path(own).read_text().splitlines()
                     if line.startswith("0::"))
     except (OSError, StopIteration):
-        return None
-    folder, limits = root / path.strip().lstrip("/"), []
-    while True:
+        return []
+    folder = root / path.strip().lstrip("/")
+    return [folder, *(p for p in folder.parents if p == root or root in p.parents)]
+
+
+def cgroup_cpus(mounts: str = "/proc/self/mounts", own: str = "/proc/self/cgroup"
+                ) -> float | None:
+    """The CPUs that cgroup v2 `cpu.max` quotas leave this process (the tightest of its own
+    cgroup and those above it), or None: no quota, or no cgroup v2."""
+    limits = []
+    for folder in _cgroup_folders(mounts, own):
         try:
             quota, period = (folder / "cpu.max").read_text().split()
             if quota != "max":
                 limits.append(int(quota) / int(period))
         except (OSError, ValueError):  # no cpu.max here (the root has none)
             pass
-        if folder == root or root not in folder.parents:
-            return min(limits) if limits else None
-        folder = folder.parent
+    return min(limits) if limits else None
+
+
+def available_memory(meminfo: str = "/proc/meminfo", mounts: str = "/proc/self/mounts",
+                     own: str = "/proc/self/cgroup") -> int | None:
+    """Bytes this process may still take: the machine's MemAvailable, within any cgroup v2
+    `memory.max`; None where neither is known (not Linux)."""
+    room = []
+    try:
+        fields = dict(line.split(":", 1) for line in Path(meminfo).read_text().splitlines())
+        room.append(int(fields["MemAvailable"].split()[0]) * 1024)
+    except (OSError, KeyError, ValueError):
+        pass
+    for folder in _cgroup_folders(mounts, own):
+        try:
+            limit = (folder / "memory.max").read_text().strip()
+            if limit != "max":
+                room.append(int(limit) - int((folder / "memory.current").read_text()))
+        except (OSError, ValueError):
+            pass
+    return min(room) if room else None
 
 
 def usable_cores() -> int:
@@ -83,11 +112,16 @@ def usable_cores() -> int:
 
 
 def count(asked: int, replicas: int, device: torch.device) -> int:
-    """Worker processes for `replicas` replicas: `asked` (train.workers; 0 = auto, one per
-    usable core), at most one per replica; 1, this process, on CUDA and MPS."""
+    """Worker processes for `replicas` replicas: `asked` (train.workers), at most one per
+    replica; 0 = auto: one per usable core, as many as memory has room for (WORKER_MEMORY
+    each); 1, this process, on CUDA and MPS."""
     if device.type != "cpu":
         return 1
-    return max(1, min(asked or usable_cores(), replicas))
+    if asked:
+        return min(asked, replicas)
+    room = available_memory()
+    fit = replicas if room is None else room // WORKER_MEMORY
+    return max(1, min(usable_cores(), replicas, fit))
 
 
 # --------------------------------------------------------------------------- the worker side

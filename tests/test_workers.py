@@ -76,6 +76,7 @@ def alive(pid: int) -> bool:
 
 def test_auto_is_one_per_usable_core_and_never_more_than_replicas(monkeypatch):
     monkeypatch.setattr(workers, "usable_cores", lambda: 8)
+    monkeypatch.setattr(workers, "available_memory", lambda: 64 * 2**30)
     assert workers.count(0, 3, CPU) == 3
     assert workers.count(0, 12, CPU) == 8
     assert workers.count(2, 3, CPU) == 2 and workers.count(5, 3, CPU) == 3
@@ -84,12 +85,21 @@ def test_auto_is_one_per_usable_core_and_never_more_than_replicas(monkeypatch):
         assert workers.count(0, 3, torch.device(device)) == 1
 
 
-def write_cgroup(tmp_path: Path, own: str, limits: dict[str, str]) -> tuple[Path, Path]:
-    """A fake cgroup v2 tree (mounted at tmp_path/cg) with cpu.max files; (mounts, own)."""
+@pytest.mark.parametrize("room, expect", [(None, 3), (0, 1), (2 * workers.WORKER_MEMORY, 2)])
+def test_auto_starts_no_more_workers_than_memory_has_room_for(monkeypatch, room, expect):
+    monkeypatch.setattr(workers, "usable_cores", lambda: 8)
+    monkeypatch.setattr(workers, "available_memory", lambda: room)
+    assert workers.count(0, 3, CPU) == expect
+    assert workers.count(3, 3, CPU) == 3  # asked for by number: the user's call
+
+
+def write_cgroup(tmp_path: Path, own: str, limits: dict[str, str],
+                 name: str = "cpu.max") -> tuple[Path, Path]:
+    """A fake cgroup v2 tree (mounted at tmp_path/cg) with `name` files; (mounts, own)."""
     root = tmp_path / "cg"
     for folder, value in limits.items():
         (root / folder).mkdir(parents=True, exist_ok=True)
-        (root / folder / "cpu.max").write_text(value + "\n")
+        (root / folder / name).write_text(value + "\n")
     (root / own.lstrip("/")).mkdir(parents=True, exist_ok=True)
     mounts = tmp_path / "mounts"
     mounts.write_text(f"proc /proc proc rw 0 0\ncgroup2 {root} cgroup2 rw,nosuid 0 0\n")
@@ -106,6 +116,18 @@ def test_cgroup_quota_is_the_tightest_on_the_way_up(tmp_path):
     assert workers.cgroup_cpus(mounts, own) is None
     (tmp_path / "mounts").write_text("proc /proc proc rw 0 0\n")  # cgroup v1 only
     assert workers.cgroup_cpus(mounts, own) is None
+
+
+def test_available_memory_is_the_tightest_of_the_machine_and_the_cgroups(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16000000 kB\nMemAvailable:    8000000 kB\n")
+    mounts, own = write_cgroup(tmp_path, "/a/b", {"a": "3000000000", "a/b": "max"},
+                               name="memory.max")
+    (tmp_path / "cg/a/memory.current").write_text("1000000000\n")
+    assert workers.available_memory(meminfo, mounts, own) == 2_000_000_000
+    (tmp_path / "cg/a/memory.max").write_text("max\n")
+    assert workers.available_memory(meminfo, mounts, own) == 8_000_000 * 1024
+    assert workers.available_memory(tmp_path / "none", tmp_path / "none", own) is None
 
 
 @pytest.mark.parametrize("affinity, quota, expect", [
