@@ -7,7 +7,8 @@ what one worker holds in memory.
 `ab` runs the real stage (`python -m stages.train NAME ...`, its own interpreter, MLflow store
 and outputs in a scratch folder) with train.workers 1 and 0 (auto) alternately, A B then B A,
 so that a burst of load hits both alike; it reports each wall time, the ratio of the medians,
-the load average around each run, and whether every run wrote the same bytes.
+the CPU seconds of the stage and its workers, the load average around each run, and whether
+every run wrote the same bytes.
 `memory` trains two replicas of each model (1 epoch, the full data) in two workers and reports
 each worker's peak resident memory (VmHWM: with torch's shared libraries) and the most memory of
 its own it held at an epoch's end (RssAnon). Results go to benchmarks/results/workers-cpu.json.
@@ -19,6 +20,7 @@ import argparse
 import filecmp
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,8 +40,10 @@ OUT = ROOT / "benchmarks" / "results" / "workers-cpu.json"
 MIB = 2**20
 
 
-def run_stage(scratch: Path, csv_dir: Path, name: str, n_workers: int) -> tuple[float, Path]:
-    """One `python -m stages.train` in its own folder of `scratch`; (seconds, that folder)."""
+def run_stage(scratch: Path, csv_dir: Path, name: str, n_workers: int
+              ) -> tuple[float, float, Path]:
+    """One `python -m stages.train` in its own folder of `scratch`; (seconds, CPU seconds of
+    the stage and its workers, that folder)."""
     folder = Path(tempfile.mkdtemp(dir=scratch, prefix=f"w{n_workers}-"))
     params = config.load_params(ROOT / "params.yaml")
     params["train"]["workers"] = n_workers
@@ -48,12 +52,15 @@ def run_stage(scratch: Path, csv_dir: Path, name: str, n_workers: int) -> tuple[
            "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db"}
     cmd = [sys.executable, "-m", "stages.train", name, str(csv_dir.resolve()),
            f"models/{name}", f"curves/{name}.csv"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         sys.exit(f"workers={n_workers}: the stage failed:\n{proc.stderr[-2000:]}")
-    return seconds, folder
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return seconds, cpu, folder
 
 
 def same_outputs(a: Path, b: Path, name: str) -> bool:
@@ -72,15 +79,15 @@ def ab(csv_dir: Path, name: str, rounds: int) -> dict:
         for i in range(rounds):
             for n in ((1, 0) if i % 2 == 0 else (0, 1)):
                 load = os.getloadavg()[0]
-                seconds, folder = run_stage(Path(scratch), csv_dir, name, n)
+                seconds, cpu, folder = run_stage(Path(scratch), csv_dir, name, n)
                 same = True if first is None else same_outputs(first, folder, name)
                 first = first or folder
                 runs.append({"workers": n or f"auto ({auto})", "seconds": seconds,
-                             "load1_before": load, "load1_after": os.getloadavg()[0],
-                             "same_bytes_as_first": same})
-                print(f"train@{name} workers {runs[-1]['workers']}: {seconds:6.1f} s "
-                      f"(load {load:.1f} -> {runs[-1]['load1_after']:.1f}), same bytes: {same}",
-                      flush=True)
+                             "cpu_seconds": cpu, "load1_before": load,
+                             "load1_after": os.getloadavg()[0], "same_bytes_as_first": same})
+                print(f"train@{name} workers {runs[-1]['workers']}: {seconds:6.1f} s, "
+                      f"{cpu:6.1f} CPU s (load {load:.1f} -> {runs[-1]['load1_after']:.1f}), "
+                      f"same bytes: {same}", flush=True)
     one = statistics.median(r["seconds"] for r in runs if r["workers"] == 1)
     many = statistics.median(r["seconds"] for r in runs if r["workers"] != 1)
     print(f"median: workers 1 {one:.1f} s, auto ({auto}) {many:.1f} s: ratio {many / one:.2f}")

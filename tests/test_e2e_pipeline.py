@@ -163,7 +163,7 @@ def processes_in(repo: Path) -> dict[int, str]:
     return found
 
 
-def test_killing_dvc_repro_stops_the_trainer_and_its_workers_and_changes_nothing(repos):
+def test_killing_dvc_repro_stops_the_trainer_and_changes_no_committed_file(repos):
     repo = repos["b"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["models"]["under30"]["epochs"] = 500  # long enough to be killed mid-training
