@@ -4,11 +4,12 @@ what one worker holds in memory.
     python benchmarks/workers.py data/csv ab [--model under30] [--rounds 2]
     python benchmarks/workers.py data/csv memory [--models a,b] [--epochs 1]
 
-`ab` runs the real stage (`python -m stages.train NAME ...`, its own interpreter, MLflow store
-and outputs in a scratch folder) with train.workers 1 and 0 (auto) alternately, A B then B A,
-so that a burst of load hits both alike; it reports each wall time, the ratio of the medians,
-the CPU seconds of the stage and its workers, the load average around each run, and whether
-every run wrote the same bytes.
+`ab` runs the real stage (`python -m stages.train NAME ...`, its own interpreter and outputs
+in a scratch folder, one MLflow store for all runs) with train.workers 1 and 0 (auto)
+alternately, A B then B A, so that a burst of load hits both alike; it reports each wall time,
+the ratio of the medians, the CPU seconds of the stage and its workers, the load average around
+each run, and whether every run wrote the same bytes; each invocation's result is added to the
+earlier ones.
 `memory` trains two replicas of each model (1 epoch, the full data) in two workers and reports
 each worker's peak resident memory (VmHWM: with torch's shared libraries) and the most memory of
 its own it held at an epoch's end (RssAnon). Results go to benchmarks/results/workers-cpu.json.
@@ -34,7 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aebench import config, constants, data, kinds, workers  # noqa: E402
+from aebench import config, constants, data, kinds, tracking, workers  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "workers-cpu.json"
 MIB = 2**20
@@ -42,14 +43,13 @@ MIB = 2**20
 
 def run_stage(scratch: Path, csv_dir: Path, name: str, n_workers: int
               ) -> tuple[float, float, Path]:
-    """One `python -m stages.train` in its own folder of `scratch`; (seconds, CPU seconds of
-    the stage and its workers, that folder)."""
+    """One `python -m stages.train` in its own folder of `scratch`, recording into the MLflow
+    store `scratch`/mlflow.db; (seconds, CPU seconds of the stage and its workers, folder)."""
     folder = Path(tempfile.mkdtemp(dir=scratch, prefix=f"w{n_workers}-"))
     params = config.load_params(ROOT / "params.yaml")
     params["train"]["workers"] = n_workers
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(ROOT),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": store_uri(scratch)}
     cmd = [sys.executable, "-m", "stages.train", name, str(csv_dir.resolve()),
            f"models/{name}", f"curves/{name}.csv"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -61,6 +61,10 @@ def run_stage(scratch: Path, csv_dir: Path, name: str, n_workers: int
         sys.exit(f"workers={n_workers}: the stage failed:\n{proc.stderr[-2000:]}")
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return seconds, cpu, folder
+
+
+def store_uri(scratch: Path) -> str:
+    return f"sqlite:///{scratch}/mlflow.db"
 
 
 def same_outputs(a: Path, b: Path, name: str) -> bool:
@@ -76,6 +80,10 @@ def ab(csv_dir: Path, name: str, rounds: int) -> dict:
     auto = workers.count(0, replicas, torch.device("cpu"))
     runs, first = [], None
     with tempfile.TemporaryDirectory(prefix="aebench-workers-") as scratch:
+        # One store for every run, created first, as a working copy has it (creating one
+        # takes seconds that no run should pay)
+        os.environ["MLFLOW_TRACKING_URI"] = store_uri(Path(scratch))
+        tracking.open_store()
         for i in range(rounds):
             for n in ((1, 0) if i % 2 == 0 else (0, 1)):
                 load = os.getloadavg()[0]
@@ -129,7 +137,9 @@ def main(argv=None) -> None:
     result.update({"device": "cpu", "cores": os.cpu_count(),
                    "usable_cores": workers.usable_cores(), "torch": torch.__version__})
     if args.what == "ab":
-        result["ab"] = ab(args.csv_dir, args.model, args.rounds)
+        # every invocation's runs are kept: on a shared machine one alone says little
+        result["ab"] = [*result.get("ab", []), {"when": time.strftime("%Y-%m-%d %H:%M"),
+                                                **ab(args.csv_dir, args.model, args.rounds)}]
     else:
         names = args.models.split(",") if args.models else list(
             config.load_params(ROOT / "params.yaml")["models"])
