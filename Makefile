@@ -35,12 +35,15 @@ lint: $(STAMP)
 smoke: $(STAMP)
 	$(BIN)/python -m aebench.smoke
 
-# `make ui`: the MLflow UI on this working copy's store, opened on the experiment's runs in the
-# "Model training" view (MLflow 3 otherwise opens in its GenAI view).
+# `make ui`: the MLflow UI on the store of the last run (named in .mlflow-last-store: after
+# `make smoke` its .smoke/mlflow.db, after `dvc repro` this working copy's mlflow.db), or on
+# `make ui STORE=folder-or-uri`; prints the store and the runs-list address in the "Model
+# training" view.
+STORE ?=
+PORT ?= 5000
 .PHONY: ui
 ui: $(STAMP)
-	@echo "open http://127.0.0.1:5000/#/experiments/$$($(BIN)/python -c 'from aebench import tracking; print(tracking.open_store())' 2>/dev/null)/runs?workflowType=machine_learning"
-	$(BIN)/mlflow ui --backend-store-uri $$($(BIN)/python -c 'from aebench import tracking; print(tracking.tracking_uri())') --host 127.0.0.1
+	$(BIN)/python -m aebench.tracking.ui $(STORE) --port $(PORT)
 
 # `make plots` writes dvc_plots/index.html: the models' test-MSE curves overlaid, the PCA curve
 # and the figures; `make plots REV=HEAD~1` draws the workspace against that revision instead.

@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "mksh", "ash", "busybox", "fish"}
 
@@ -45,6 +47,38 @@ def _on_signal(signum, frame):
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     raise Interrupted(signum)
+
+
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # what ends a stage, with its cleanup
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP that arrive inside the block act when it ends, as they would
+    have on arrival (the stage's handler raises Interrupted then): for a few renames that must
+    all happen or none. In the main thread only (Python runs handlers there); elsewhere a
+    no-op. SIGKILL cannot be deferred."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {}
+    for signum in STOPS:
+        handler = signal.getsignal(signum)
+        if handler not in (signal.SIG_IGN, None):
+            previous[signum] = signal.signal(signum, lambda n, _frame: held.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if held:
+            signal.raise_signal(held[0])  # the restored handler acts now
+
+
+def debugging() -> bool:
+    """Whether tracebacks are wanted: `--debug` (cli.run sets AEBENCH_DEBUG) or AEBENCH_DEBUG=1."""
+    return os.environ.get("AEBENCH_DEBUG") == "1"
 
 
 def watch_parent() -> None:
@@ -101,7 +135,9 @@ def _verdict(err: BaseException, usage: str) -> tuple[str, int]:
 def run(main, usage: str, doc: str | None = None, argv: list[str] | None = None):
     """Parse the arguments by `usage`, call `main(args)` and exit; never returns."""
     args = parse(usage, sys.argv[1:] if argv is None else argv, doc)
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    if args.debug:  # one switch for the code that decides what a library may print
+        os.environ["AEBENCH_DEBUG"] = "1"
+    for signum in STOPS:
         if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's choice is respected
             signal.signal(signum, _on_signal)
     try:
@@ -111,7 +147,7 @@ def run(main, usage: str, doc: str | None = None, argv: list[str] | None = None)
     except (KeyboardInterrupt, Exception) as err:
         line, code = _verdict(err, usage)
         try:
-            if args.debug or os.environ.get("AEBENCH_DEBUG") == "1":
+            if debugging():
                 traceback.print_exc()
             print(line, file=sys.stderr, flush=True)
         except OSError:  # stderr may be a closed pipe or a hung-up terminal by now

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from aebench.constants import CSV_NAMES, N_PIXELS, SIDE
-from aebench.files import atomic_path
+from aebench.files import atomic_path, output_group
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,14 @@ def convert(raw_dir: str | Path, csv_dir: str | Path) -> dict[str, Path]:
     row-major. Each file is written to a temp name and renamed, so it is complete or absent.
     """
     csv_dir = Path(csv_dir)
-    csv_dir.mkdir(parents=True, exist_ok=True)
-    # Read and check both splits before writing anything.
+    if not Path(raw_dir).is_dir():
+        raise FileNotFoundError(f"{raw_dir}: no such folder (it holds the IDX files that `dvc "
+                                "repro download` fetches)")
+    # Read and check both splits before writing anything (csv_dir is not even created).
     splits = {split: load_split(raw_dir, split) for split in SPLITS}
-    out = {}
-    for split, (labels, images) in splits.items():
-        out[split] = write_mnist_csv(csv_dir / CSV_NAMES[split], labels, images)
-    return out
+    with output_group():
+        return {split: write_mnist_csv(csv_dir / CSV_NAMES[split], labels, images)
+                for split, (labels, images) in splits.items()}
 
 
 def write_mnist_csv(path: str | Path, labels: np.ndarray, images: np.ndarray) -> Path:

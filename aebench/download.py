@@ -153,6 +153,9 @@ def _get_gz(mirror: str, filename: str, dest: Path, timeout: float) -> None:
         raise _MirrorDown(f"unsupported URL scheme {scheme!r} (use a folder, file:// or http(s)://)")
     else:
         folder = Path(mirror).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise _MirrorDown(f"{folder} is a file, not a folder (a mirror is the folder that holds "
+                          "the four .gz files)")
     if not folder.is_dir():
         raise _MirrorDown(f"not found: folder {folder} does not exist")
     source = folder / filename

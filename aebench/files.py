@@ -1,13 +1,21 @@
-"""Writing outputs so that a failure never leaves a half-written file behind, and numbers at a
-stated precision (constants.DIGITS significant digits) that float noise cannot reach."""
+"""Writing outputs so that a failure or an interruption never leaves a half-written file or a
+mix of old and new outputs behind, and numbers at a stated precision (constants.DIGITS
+significant digits) that float noise cannot reach.
+
+Every output is written under a temporary name, then renamed into place; where the temporaries
+live, and how a dead process's are cleaned up, is aebench/temporaries.py. Inside `with
+output_group():` (a stage's whole set of outputs) every atomic_path and atomic_dir waits with
+its final rename until the block ends; the renames then run together with SIGINT, SIGTERM and
+SIGHUP deferred (aebench.cli), so the outputs change all together or not at all.
+"""
 
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from . import temporaries
 from .constants import DIGITS
 
 _UMASK = os.umask(0)
@@ -23,36 +32,55 @@ os.umask(_UMASK)
 
 
 @contextmanager
+def output_group() -> Iterator[None]:
+    """Every atomic_path and atomic_dir inside the block (writes of aebench.files, drawing,
+    data and models included) is renamed into place when the block ends, all together, with
+    SIGINT, SIGTERM and SIGHUP deferred until the last is in place; after a failure or an
+    interruption inside the block, none is. A stage wraps all of its outputs in one."""
+    with temporaries.joined():
+        yield
+
+
+_ADVICE = {errno.EFBIG: "a file-size limit (`ulimit -f`) is below its size: raise the limit",
+           errno.ENOSPC: "the disk is full: free some space",
+           errno.EDQUOT: "the disk quota is used up: free some space",
+           errno.EROFS: "the file system is read-only",
+           errno.EACCES: "fix the folder's permissions",
+           errno.EPERM: "fix the folder's permissions"}
+
+
+def write_error(path: str | Path, err: OSError) -> str:
+    """One line for an output that could not be written: the path, why, what to do."""
+    advice = _ADVICE.get(err.errno, "check the path and the disk")
+    return f"{path}: cannot write this output ({err.strerror or err}); {advice}"
+
+
+@contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`."""
+    """Yield a temporary path for the output `path`; on success it is renamed onto `path` (when
+    the active output_group ends, if there is one). An OSError while writing names `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give outputs the usual mode
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with temporaries.joined() as group:
+        tmp = group.temporary(path, folder=False)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give outputs the usual mode
+        try:
+            yield tmp
+        except OSError as err:
+            raise OSError(write_error(group.shown(path), err)) from err
+        group.put(tmp, path)
 
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path` whole, so readers
-    see all of its files or none (nothing half-written after a failure or an interruption)."""
+    """Yield a temporary folder for the output folder `path`; on success it replaces `path`
+    whole (when the active output_group ends, if there is one), so readers see all of its files
+    or none."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
+    with temporaries.joined() as group:
+        tmp = group.temporary(path, folder=True)
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        group.put(tmp, path)
 
 
 def check_writable(*paths: str | Path) -> None:

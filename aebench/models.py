@@ -7,6 +7,7 @@ evaluation and figures treat all kinds alike. The kinds themselves live in `aebe
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 
 import torch
@@ -59,6 +60,9 @@ def reconstruct(model: nn.Module, x_uint8: torch.Tensor, pixels: str, *, noise: 
     return torch.cat(outs)
 
 
+_RESTORE = "put the folder back with `dvc checkout {0}` or retrain with `dvc repro train@{1}`"
+
+
 # Checkpoints: state_dict plus what built it, loadable with weights_only=True. Nothing volatile
 # (no run id, time or path), so retraining the same way gives the same bytes and DVC hash.
 def save_checkpoint(path: str | Path, model: nn.Module, *, name: str, cfg: ModelConfig,
@@ -73,6 +77,27 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, name: str, cfg: Model
         tmp.write_bytes(buffer.getvalue())
 
 
+def _read_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """(config, state_dict, the other fields); ValueError saying what is wrong with the file."""
+    # torch.save writes a zip with a CRC-32 per member, which torch.load does not check: a
+    # damaged tensor would load as wrong weights.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"not a zip archive: {err}") from err
+    if damaged:
+        raise ValueError(f"member {damaged} fails its CRC-32 check")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+        # torch's text is long, and its advice (weights_only=False) is not for a damaged file
+        raise ValueError(f"torch.load: {type(err).__name__}") from err
+    if not isinstance(ckpt, dict) or not {"config", "state_dict"} <= set(ckpt):
+        raise ValueError("no config and state_dict in it")
+    return ckpt.pop("config"), ckpt.pop("state_dict"), ckpt
+
+
 def load_checkpoint(path: str | Path, name: str, expected: ModelConfig | None = None
                     ) -> tuple[nn.Module, dict]:
     """(model in eval mode, the checkpoint's other fields); fail naming the file if it is not
@@ -82,10 +107,10 @@ def load_checkpoint(path: str | Path, name: str, expected: ModelConfig | None = 
         raise FileNotFoundError(f"{path}: no weights for model {name!r} (run "
                                 f"`dvc repro train@{name}`)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        cfg, state = ckpt.pop("config"), ckpt.pop("state_dict")
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"{path}: not a valid aebench checkpoint ({err})") from None
+        cfg, state, ckpt = _read_checkpoint(path)
+    except ValueError as err:
+        raise ValueError(f"{path}: not a readable aebench checkpoint ({err}); "
+                         f"{_RESTORE.format(path.parent, name)}") from err.__cause__
     if expected is not None and cfg != expected.model_dump():
         want = expected.model_dump()
         diff = sorted(k for k in set(cfg) | set(want) if cfg.get(k) != want.get(k))
@@ -106,4 +131,13 @@ def load_replicas(models_dir: str | Path, name: str, cfg: ModelConfig, replicas:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: missing; model {name!r} has not been trained "
                                 f"(run `dvc repro train@{name}`)")
-    return [load_checkpoint(folder / replica_file(r), name, cfg) for r in range(replicas)]
+    loaded = [load_checkpoint(folder / replica_file(r), name, cfg) for r in range(replicas)]
+    base = loaded[0][1].get("seed", 0) - loaded[0][1].get("replica", 0)
+    for r, (_, ckpt) in enumerate(loaded):  # a renamed or copied file is not that replica
+        held = (ckpt.get("name"), ckpt.get("replica"), ckpt.get("seed"))
+        if held != (name, r, base + r):
+            raise ValueError(f"{folder / replica_file(r)}: holds model {held[0]!r} replica "
+                             f"{held[1]} (seed {held[2]}), not {name!r} replica {r} (seed "
+                             f"{base + r}): files were renamed or mixed; "
+                             f"{_RESTORE.format(folder, name)}")
+    return loaded

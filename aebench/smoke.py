@@ -6,13 +6,17 @@ minutes without touching the committed results.
 Copies the working copy's files (tracked, and untracked but not ignored: your uncommitted
 change too) into DIR (default .smoke/, ignored by git), without the committed results, sets
 train.limit, every model's epochs and train.replicas, and runs `dvc repro` there, with its own
-mlflow.db. The data comes from $MNIST_MIRROR or the mirrors in params.yaml.
+mlflow.db, which it records as the last run's store (`make ui` opens it). Its runs carry the
+project's commit in `git_commit` and a `smoke` tag. The data comes from $MNIST_MIRROR or the
+mirrors in params.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,19 +25,39 @@ from pathlib import Path
 
 import yaml
 
+from .config import MAX_EPOCHS, MAX_LIMIT, MAX_REPLICAS
+from .tracking.store import COMMIT_ENV, SMOKE_ENV, git_commit, record_last_store
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ("dvc.lock", "metrics", "plots/curves", "plots/pca_curve.csv", "plots/figures",
-           "reports")  # what a run writes, so a copy starts from nothing
+
+
+def result_paths(src: Path = ROOT) -> list[str]:
+    """What a run writes: dvc.lock and every out, metric and plot of dvc.yaml's stages, as
+    patterns (a path a foreach fills in, plots/curves/${key}.csv, as plots/curves/*.csv)."""
+    stages = yaml.safe_load((src / "dvc.yaml").read_text())["stages"]
+    paths = ["dvc.lock"]
+    for stage in stages.values():
+        for key in ("outs", "metrics", "plots"):
+            for out in stage.get("do", stage).get(key, []):
+                path = out if isinstance(out, str) else next(iter(out))
+                paths.append(re.sub(r"\$\{[^}]*\}", "*", path).rstrip("/"))
+    return paths
+
+
+def is_result(name: str, results: list[str]) -> bool:
+    """Whether the file `name` is, or lies in a folder that is, one of `results`."""
+    return any(fnmatch.fnmatchcase(name, p) or name.startswith(f"{p}/") for p in results)
 
 
 def copy_repo(dest: Path, src: Path = ROOT, *, results: bool = False) -> Path:
     """What a fresh clone of `src` would hold plus uncommitted work, in `dest` (a new git
-    repository with one commit, as DVC's experiments need); without the run's results unless
-    `results`."""
+    repository with one commit, as DVC's experiments need); without the run's results
+    (result_paths) unless `results`, so a run there starts from nothing."""
     names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                            cwd=src, check=True, capture_output=True).stdout.decode().split("\0")
+    skip = [] if results else result_paths(src)
     for name in filter(None, names):
-        if (src / name).is_file() and (results or not name.startswith(RESULTS)):
+        if (src / name).is_file() and not is_result(name, skip):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / name, dest / name)
     for args in (["init", "-q"], ["config", "user.name", "aebench"],
@@ -53,13 +77,43 @@ def slice_params(path: Path, *, limit: int, epochs: int, replicas: int) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def smoke_env(dest: Path, shrunk: str, src: Path = ROOT) -> dict[str, str]:
+    """The environment of the smoke run: its own store in `dest`, this venv's `python` first,
+    and for every MLflow run the project's commit (not the copy's) and a `smoke` tag saying
+    what was shrunk (and whether uncommitted changes were copied)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{dest.resolve()}/mlflow.db"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal"],
+                            cwd=src, capture_output=True, text=True).stdout
+    env[COMMIT_ENV] = git_commit(src)
+    env[SMOKE_ENV] = shrunk + (", with uncommitted changes" if status.strip() else "")
+    return env
+
+
+def count(low: int, high: int):
+    """An argparse type: an integer in low..high, or a usage error naming the bounds (before
+    anything is copied or run)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed; use {low}..{high}")
+        return value
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aebench.smoke", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", nargs="?", default=str(ROOT / ".smoke"), type=Path)
-    parser.add_argument("--limit", type=int, default=3000, help="training images (3000)")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs of every model (1)")
-    parser.add_argument("--replicas", type=int, default=1, help="replicas per model (1)")
+    parser.add_argument("--limit", type=count(0, MAX_LIMIT), default=3000,
+                        help="training images (3000; 0 = all)")
+    parser.add_argument("--epochs", type=count(1, MAX_EPOCHS), default=1,
+                        help="epochs of every model (1)")
+    parser.add_argument("--replicas", type=count(1, MAX_REPLICAS), default=1,
+                        help="replicas per model (1)")
     args = parser.parse_args(argv)
     start = time.monotonic()
     shutil.rmtree(args.dir, ignore_errors=True)
@@ -67,12 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     copy_repo(args.dir)
     slice_params(args.dir / "params.yaml", limit=args.limit, epochs=args.epochs,
                  replicas=args.replicas)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{args.dir.resolve()}/mlflow.db"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env = smoke_env(args.dir, f"limit={args.limit} epochs={args.epochs} "
+                              f"replicas={args.replicas}")
+    record_last_store(env["MLFLOW_TRACKING_URI"], ROOT)  # `make ui` opens it
     code = subprocess.run(["dvc", "repro"], cwd=args.dir, env=env).returncode
-    print(f"smoke: {'done' if code == 0 else 'FAILED'} in {time.monotonic() - start:.0f} s; "
-          f"see {args.dir / 'reports' / 'summary.md'}", file=sys.stderr)
+    print(outcome(code, args.dir, time.monotonic() - start), file=sys.stderr)
     return code
+
+
+def outcome(code: int, folder: Path, seconds: float) -> str:
+    """The last line: where the summary is, or (it was not written) that the run failed."""
+    if code == 0:
+        return f"smoke: done in {seconds:.0f} s; see {folder / 'reports' / 'summary.md'}"
+    return (f"smoke: FAILED in {seconds:.0f} s (dvc repro exit {code}; its error is above); the "
+            f"scratch copy is {folder}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,16 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def batch_warning(name: str, batch_size: int, n_train: int, limit: int) -> str | None:
+    """The warning line for a batch larger than the training set (every epoch one smaller
+    batch), naming both keys; None when the batch fits."""
+    if batch_size <= n_train:
+        return None
+    source = f"train.limit {limit}" if limit else "the training CSV"
+    return (f"warning: params.yaml: models.{name}.batch_size {batch_size} is larger than the "
+            f"{n_train} training images ({source}): every epoch is one batch of {n_train}")
+
+
 def make_optimizer(params, cfg: ModelConfig, *, fast: bool, capturable: bool = False):
     opt = cfg.optimizer
     kw = {"lr": opt.lr, "weight_decay": opt.weight_decay, "foreach": fast}

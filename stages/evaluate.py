@@ -3,8 +3,9 @@
 Reads params.yaml sections `models`, `train.replicas` and `evaluate`. Writes MODELS_JSON (the
 headline a reviewer diffs: per model mean and std over replicas, and n), PCA_JSON (PCA at the
 latent sizes in use, from PCA_CURVE) and DETAILS_JSON (every replica's metrics, per digit too,
-for the report and figures). In MLflow: a new evaluation run; each replica's metrics attach to
-its logged model. Training runs are never written to.
+for the report and figures). In MLflow: a new evaluation run holding the headline, its table
+and these files; each replica's metrics attach to its logged model; @best of each registered
+model is its lowest test MSE replica. Training runs are never written to.
 """
 
 import sys
@@ -48,10 +49,13 @@ def main(args) -> None:
             mse = headline[name]["mse"]
             print(f"evaluate: {name}: test mse {mse['mean']:.5f} ± {mse['std']:.5f} "
                   f"(n = {len(results)})", file=sys.stderr)
-    files.write_json(args.models_json, headline)
-    latents = [d["latent_dim"] for d in details.values()]
-    files.write_json(args.pca_json, pca.headline(curve, latents))
-    files.write_json(args.details_json, details)
+        latents = [d["latent_dim"] for d in details.values()]
+        with files.output_group():  # all three files change, or none
+            files.write_json(args.models_json, headline)
+            files.write_json(args.pca_json, pca.headline(curve, latents))
+            files.write_json(args.details_json, details)
+        tracking.log_results(headline, details, [args.models_json, args.pca_json,
+                                                 args.details_json], args.details_json)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ def main(args) -> None:
         train=data.read_mnist_csv(f"{args.csv_dir}/{constants.CSV_NAMES['train']}",
                                   limit=figures.TRAIN_IMAGE + 1, short_ok=True),
         noise_seed=noise_seed)
-    paths = figures.draw_all(inputs, Path(args.out_dir))
-    files.write_csv_rows(args.overlay_csv, figures.overlay_rows(inputs.curves))
+    with files.output_group():  # every PNG and the table change, or none
+        paths = figures.draw_all(inputs, Path(args.out_dir))
+        files.write_csv_rows(args.overlay_csv, figures.overlay_rows(inputs.curves))
     with tracking.evaluation_run(experiment_id, name="figures"):
         tracking.log_artifacts(paths)
     for path in paths:

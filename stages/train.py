@@ -31,15 +31,18 @@ def main(args) -> None:
     n_workers = workers.count(train.workers, len(seeds), device)
     print(f"train@{args.name}: {len(seeds)} replica(s) on {len(train_x)} images, device "
           f"{device}, {n_workers} worker process(es)", file=sys.stderr)
+    if warning := training.batch_warning(args.name, cfg.batch_size, len(train_x), train.limit):
+        print(warning, file=sys.stderr)
     probe = cfg.build()
     run_params = {**config.flatten(cfg.model_dump()), "train.path": train.path,
                   "train.limit": train.limit, "n_train": len(train_x), "device": str(device),
                   "replicas": len(seeds), "workers": n_workers, "latent_dim": probe.latent_dim,
                   "n_params": sum(t.numel() for t in probe.parameters())}
-    histories = []
-    # The weights folder is moved into place inside the run: a failure there fails the run too.
-    with tracking.training_run(experiment_id, args.name, run_params), \
-            files.atomic_dir(args.model_dir) as out, \
+    histories, model_ids = [], []
+    color = tracking.model_color(list(params["models"]).index(args.name))  # as in the PNGs
+    # The weights and the curve move into place together, inside the run (a failure fails it).
+    with tracking.training_run(experiment_id, args.name, run_params, color=color), \
+            files.output_group(), files.atomic_dir(args.model_dir) as out, \
             workers.Replicas(cfg, train_x, test_x, name=args.name, seeds=seeds, device=device,
                              path=train.path, workers=n_workers) as replicas:
         for r, seed in enumerate(seeds):
@@ -50,10 +53,14 @@ def main(args) -> None:
                 models.save_checkpoint(path, model, name=args.name, cfg=cfg, replica=r,
                                        seed=seed, device=device.type)
                 tracking.log_epochs(history.epochs, {"train_seconds": history.seconds})
-                tracking.log_replica_model(model, name=args.name, index=r, pixels=cfg.pixels,
-                                           weights_sha256=tracking.sha256_file(path))
+                model_ids.append(tracking.log_replica_model(
+                    model, name=args.name, index=r, pixels=cfg.pixels,
+                    weights_sha256=tracking.sha256_file(path)))
                 histories.append(history)
-        files.write_csv_rows(args.curve_csv, training.curve_rows(histories))
+        curve = training.curve_rows(histories)
+        files.write_csv_rows(args.curve_csv, curve)
+        tracking.log_training_curve(curve)  # the model's row and curve in the UI
+        tracking.register_training(args.name, model_ids)  # aliases move once all replicas are in
 
 
 if __name__ == "__main__":

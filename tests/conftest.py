@@ -225,6 +225,7 @@ def build_project(root: Path, uri: str) -> Project:
     from aebench.data import write_mnist_csv
 
     (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    (root / ".dvc").mkdir()  # a DVC repository's root, as `dvc init` marks it: temporaries go in
     for i, (split, n) in enumerate((("train", N_TRAIN), ("test", N_TEST))):
         labels, images = make_split(n, seed=i)
         write_mnist_csv(root / "data" / "csv" / f"mnist_{split}.csv", labels, images)

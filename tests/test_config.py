@@ -55,6 +55,16 @@ def changed(params, name, key, value):
     (("decoder",), [3, 12, 780], ["models.deep3: decoder [3, 12, 780]", "784"]),
     (("decoder",), [4, 12, 784], ["models.deep3: decoder [4, 12, 784]", "code size 3"]),
     (("input_noise",), 1.0, ["models.deep3.input_noise: 1.0 ", "less than 1"]),
+    # bounds: values that would otherwise fail hours later, or overflow a C integer
+    (("epochs",), 10**20, ["models.deep3.epochs: 100000000000000000000 ", "less than or equal "
+                                                                        "to 100000"]),
+    (("replicas",), 101, ["models.deep3.replicas: 101 ", "less than or equal to 100"]),
+    (("optimizer", "lr"), float("inf"), ["models.deep3.optimizer.lr: inf ", "less than or "
+                                                                           "equal to 1e+30"]),
+    (("optimizer", "lr"), 1e300, ["models.deep3.optimizer.lr: 1e+300 ", "less than or equal to "
+                                                                       "1e+30"]),
+    (("optimizer", "weight_decay"), 1e31, ["models.deep3.optimizer.weight_decay: 1e+31 ",
+                                           "less than or equal to 1e+30"]),
     (("typo_key",), 1, ["models.deep3.typo_key: 1 ", "unknown key"]),
 ])
 def test_bad_model_value_names_key_value_and_allowed(params, key, value, expect):
@@ -125,7 +135,12 @@ def test_the_source_file_is_named(params, tmp_path):
     ("replicas", 0, "greater than or equal to 1"),
     ("workers", -1, "greater than or equal to 0"),
     ("workers", "auto", "valid integer"),
+    ("workers", 101, "less than or equal to 100"),
+    ("replicas", 1000, "less than or equal to 100"),
     ("seed", "zero", "valid integer"),
+    ("seed", -1, "greater than or equal to 0"),
+    ("seed", 2**32, "less than or equal to 4294967295"),
+    ("limit", 10**20, "less than or equal to 1000000000"),
     ("typo", 1, "unknown key"),
 ])
 def test_bad_train_section(params, key, value, expect):
@@ -154,3 +169,26 @@ def test_unreadable_params_file_is_named(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: [1,\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_params(tmp_path / "bad.yaml")
+
+
+def test_a_bound_changes_nothing_a_checkpoint_stores(params):
+    # model_dump() is saved in every checkpoint: validation may refuse more, never add a field
+    for name, entry in params["models"].items():
+        dumped = kinds.validate_model(name, entry).model_dump()
+        assert dumped == {**entry, "replicas": entry.get("replicas")}
+
+
+def test_duplicate_key_is_named_with_both_lines(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  seed: 0\n  replicas: 3\n  seed: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert str(err.value) == f"{path}: line 4: duplicate key 'seed' (also on line 2); keep one"
+
+
+def test_a_binary_params_file_is_named(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"train:\n  seed: \xff\xfe\x00\x01\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert str(err.value) == f"{path}: not a UTF-8 text file (byte 0xff at offset 15)"

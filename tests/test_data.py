@@ -492,3 +492,20 @@ def test_convert_stage(mnist_raw, tmp_path, capsys):
     assert run_stage(convert_stage, [str(mnist_raw), str(tmp_path / "csv2")]) == 1
     err = capsys.readouterr().err
     assert "error: " in err and "has 30 images but" in err and "Traceback" not in err
+
+
+def test_convert_stage_without_its_raw_folder_creates_nothing(tmp_path, capsys):
+    assert run_stage(convert_stage, [str(tmp_path / "nosuchraw"), str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'nosuchraw'}: no such folder (it "
+                                       "holds the IDX files that `dvc repro download` fetches)\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_download_mirror_that_is_a_file_says_so(tmp_path, good):
+    _, md5s = good
+    mirror = tmp_path / "mnist.tar"
+    mirror.write_bytes(b"an archive, not the folder of .gz files")
+    with pytest.raises(DownloadError) as err:
+        download(tmp_path / "out", [str(mirror)], files=md5s)
+    assert f"- {mirror}: {mirror} is a file, not a folder (a mirror is the folder that holds " \
+           "the four .gz files)" in str(err.value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -124,6 +125,24 @@ def test_every_model_is_trained_evaluated_and_recorded(repos):
         "select m.key from metrics m join runs r on m.run_uuid = r.run_uuid "
         "where r.name = 'under30-r0'")}
     assert "test_mse" in train_keys and not any(k.startswith("test_sse") for k in train_keys)
+    # registered: one version per replica, @r{i} from train, @best from evaluate
+    aliases = {(name, alias): version for name, alias, version in db.execute(
+        "select name, alias, version from registered_model_aliases")}
+    assert set(aliases) == {("aebench-under30", "r0"), ("aebench-under30", "r1"),
+                            ("aebench-under30", "best"), ("aebench-conv16", "r0"),
+                            ("aebench-conv16", "best")}
+    best = min((r["mse"], i) for i, r in enumerate(details["under30"]["replicas"]))[1]
+    assert aliases[("aebench-under30", "best")] == aliases[("aebench-under30", f"r{best}")]
+    # the evaluate run holds the headline and, from the report stage, the report
+    evaluate = {k: v for k, v in db.execute(
+        "select m.key, m.value from latest_metrics m join runs r on m.run_uuid = r.run_uuid "
+        "where r.name = 'evaluate'")}
+    assert evaluate["evaluation/test_mse.under30"] == \
+        pytest.approx(headline["under30"]["mse"]["mean"], rel=1e-5)
+    (note,) = db.execute("select t.value from tags t join runs r on t.run_uuid = r.run_uuid "
+                         "where r.name = 'evaluate' and t.key = 'mlflow.note.content'").fetchone()
+    assert note.endswith(report)
+    assert (repo / ".mlflow-last-store").read_text() == f"sqlite:///{repo}/mlflow.db\n"
 
 
 def test_two_folders_give_the_same_bytes(repos):
@@ -173,24 +192,85 @@ def test_killing_dvc_repro_stops_the_trainer_and_changes_no_committed_file(repos
     sh(repo, "git", "commit", "-q", "-m", "results and a long under30")
     db = sqlite3.connect(repo / "mlflow.db")
     before = db.execute("select count(*) from runs").fetchone()[0]
+    weights = files_under(repo)
     dvc = subprocess.Popen(["dvc", "repro", "train@under30"], cwd=repo, env=env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):  # until replica 0's run exists and both workers have started
-        workers = [cmd for cmd in processes_in(repo).values() if "multiprocessing" in cmd]
-        if len(workers) == 2 and db.execute(
-                "select count(*) from runs where name = 'under30-r0' and status = 'RUNNING'"
-                ).fetchone()[0]:
+    wait_for_training(db)
+    for _ in range(600):  # and both workers have started (their imports take seconds)
+        if len(workers_in(repo)) == 2:
             break
         time.sleep(0.1)
-    assert len(workers) == 2, processes_in(repo)
+    assert len(workers_in(repo)) == 2, processes_in(repo)
     dvc.terminate()  # SIGTERM to dvc alone: DVC does not forward it to the stage
     dvc.wait(timeout=30)
-    for _ in range(300):  # the trainer notices its parent is gone and stops within seconds
-        if not processes_in(repo):
-            break
-        time.sleep(0.1)
-    assert processes_in(repo) == {}  # no trainer, no worker left behind
+    # the trainer notices its parent is gone and stops within seconds, its workers with it
+    assert gone(repo), processes_in(repo)
     assert sh(repo, "git", "status", "--porcelain") == ""  # no committed file changed or lost
     new = dict(db.execute("select name, status from runs order by start_time")
                .fetchall()[before:])
     assert new == {"under30": "KILLED", "under30-r0": "KILLED"}
+    assert files_under(repo) == weights  # data/models is persist: DVC did not delete it first
+    assert no_temporaries(repo)
+
+
+def workers_in(repo: Path) -> list[int]:
+    """Pids of the worker processes (multiprocessing's spawn) training in `repo`."""
+    return [pid for pid, cmd in processes_in(repo).items() if "spawn_main" in cmd]
+
+
+def gone(repo: Path) -> bool:
+    """Whether every process working in `repo` has ended, within 30 s."""
+    for _ in range(300):
+        if not processes_in(repo):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def wait_for_training(db: sqlite3.Connection) -> None:
+    """Until replica 0's MLflow run of under30 is RUNNING: the trainer is training."""
+    for _ in range(600):
+        if db.execute("select count(*) from runs where name = 'under30-r0' and status = "
+                      "'RUNNING'").fetchone()[0]:
+            return
+        time.sleep(0.1)
+    raise AssertionError("under30 never started training")
+
+
+def no_temporaries(repo: Path) -> bool:
+    """Nothing a run left in .dvc/tmp/aebench, nor in a folder a stage depends on."""
+    temp = repo / ".dvc/tmp/aebench"
+    return (not temp.exists() or not any(temp.iterdir())) and \
+        sorted(p.name for p in (repo / "data/models").iterdir()) == sorted(MODELS)
+
+
+def status_of(repo: Path, stage: str) -> list:
+    return json.loads(sh(repo, "dvc", "status", "--json", stage).strip() or "{}").get(stage, [])
+
+
+def test_an_interrupted_or_failed_retrain_keeps_the_last_weights(repos):
+    repo = repos["b"]  # under30 at 500 epochs: its trainer runs long enough to be interrupted
+    weights = files_under(repo)
+    db = sqlite3.connect(repo / "mlflow.db")
+    # Ctrl-C in the terminal: SIGINT to DVC and the stage, their whole process group
+    dvc = subprocess.Popen(["dvc", "repro", "train@under30"], cwd=repo, env=env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    wait_for_training(db)
+    os.killpg(dvc.pid, signal.SIGINT)
+    assert dvc.wait(timeout=60) != 0
+    assert gone(repo), processes_in(repo)  # the stage's workers too
+    assert files_under(repo) == weights and no_temporaries(repo)
+    # a retrain that diverges (relu outputs, lr 1e6: the loss explodes at epoch 2)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["models"]["under30"].update(
+        epochs=3, pixels="0,1", activation="relu", code_activation="relu",
+        output_activation="relu", optimizer={"name": "adam", "lr": 1.0e6, "weight_decay": 0.0})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    failed = subprocess.run(["dvc", "repro", "train@under30"], cwd=repo, env=env(),
+                            capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0 and "the run diverged" in failed.stderr + failed.stdout
+    assert files_under(repo) == weights and no_temporaries(repo)
+    # DVC sees new params, and the weights it recorded still in place (not "deleted")
+    assert [next(iter(change)) for change in status_of(repo, "train@under30")] == \
+        ["changed deps"]

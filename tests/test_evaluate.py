@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO, STALE_MODEL, TINY_MODELS, dvc_args, run_stage
 
-from aebench import files, kinds, models
+from aebench import files, kinds, models, tracking
 
 DIGITS = {str(d) for d in range(10)}
 
@@ -99,6 +99,37 @@ def test_metrics_reach_mlflow_attached_to_the_logged_models(project, mlflow_clie
     assert "test_denoise_mse" in by_name["convnoisy-r0-eval"].data.metrics
 
 
+def test_the_evaluate_run_holds_the_headline_and_sets_best(project_copy, mlflow_client):
+    run_stage("evaluate")  # its own evaluation: other tests retrain (and drop @best)
+    headline = files.read_json(project_copy / "metrics/models.json")
+    details = files.read_json(project_copy / "reports/details.json")
+    client = mlflow_client
+    experiment = client.get_experiment_by_name("aebench").experiment_id
+    (run, *_) = client.search_runs([experiment], "attributes.run_name = 'evaluate'",
+                                   order_by=["attributes.start_time DESC"])
+    assert run.data.tags["details_sha256"] == \
+        tracking.sha256_file(project_copy / "reports/details.json")
+    for name in TINY_MODELS:
+        assert run.data.metrics[f"evaluation/test_mse.{name}"] == \
+            pytest.approx(headline[name]["mse"]["mean"], rel=1e-5)
+        assert run.data.metrics[f"evaluation/test_mse_std.{name}"] == \
+            pytest.approx(headline[name]["mse"]["std"], rel=1e-5)
+        assert run.data.metrics[f"evaluation/pca_mse.{name}"] == \
+            pytest.approx(details[name]["pca"]["mse"], rel=1e-5)
+        # @best: the version of the checkpoint with the lowest test mse
+        mses = [r["mse"] for r in details[name]["replicas"]]
+        best = mses.index(min(mses))
+        version = client.get_model_version_by_alias(f"aebench-{name}", "best")
+        assert version.tags["weights_sha256"] == tracking.sha256_file(
+            project_copy / f"data/models/{name}/r{best}.pt")
+    assert "evaluation/test_loss.deep3" in run.data.metrics
+    assert "evaluation/test_loss.convnoisy" not in run.data.metrics  # mse on [0,1]: the mse
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "metrics")] == \
+        ["metrics/models.json", "metrics/pca.json"]
+    table = client.load_table(experiment, "headline.json", run_ids=[run.info.run_id])
+    assert sorted(table["model"]) == sorted(TINY_MODELS) and list(table["n"]) == [2, 2]
+
+
 def test_same_weights_give_byte_identical_files(project, project_copy):
     # the weights of a model no longer in params.yaml are not read, let alone evaluated
     (project_copy / "data/models" / STALE_MODEL / "r0.pt").write_bytes(b"garbage")
@@ -116,10 +147,35 @@ def test_missing_replica_names_the_file(project_copy):
         run_stage("evaluate")
 
 
-def test_garbage_weights_name_the_file(project_copy):
-    (project_copy / "data/models/deep3/r0.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="data/models/deep3/r0.pt: not a valid"):
+@pytest.mark.parametrize("damage", ["garbage", "overwritten", "truncated"])
+def test_damaged_weights_are_one_line_naming_the_file_and_the_fix(project_copy, damage):
+    path = project_copy / "data/models/deep3/r0.pt"
+    good = path.read_bytes()
+    bad = {"garbage": b"not a checkpoint",  # torch's reply advises weights_only=False: not ours
+           "overwritten": good[:2000] + b"\xff" * 3000 + good[5000:],
+           "truncated": good[:5000]}[damage]
+    path.write_bytes(bad)
+    with pytest.raises(ValueError) as err:
         run_stage("evaluate")
+    why = {"garbage": "not a zip archive: File is not a zip file",
+           # torch.load itself reads these weights without a word: the zip's CRC-32 tells
+           "overwritten": "member archive/data/0 fails its CRC-32 check",
+           "truncated": "not a zip archive: File is not a zip file"}[damage]
+    assert str(err.value) == (
+        f"data/models/deep3/r0.pt: not a readable aebench checkpoint ({why}); put the folder "
+        "back with `dvc checkout data/models/deep3` or retrain with `dvc repro train@deep3`")
+
+
+def test_swapped_replica_files_are_refused(project_copy):
+    folder = project_copy / "data/models/deep3"
+    os.rename(folder / "r0.pt", folder / "swap")
+    os.rename(folder / "r1.pt", folder / "r0.pt")
+    os.rename(folder / "swap", folder / "r1.pt")
+    with pytest.raises(ValueError) as err:
+        run_stage("evaluate")
+    assert str(err.value).startswith(
+        "data/models/deep3/r0.pt: holds model 'deep3' replica 1 (seed 1), not 'deep3' replica 0 "
+        "(seed 0): files were renamed or mixed; put the folder back with `dvc checkout")
 
 
 def test_checkpoint_of_other_config_names_the_file_and_keys(project_copy):

@@ -6,15 +6,24 @@ on a single replica and on models that leave a figure with nothing to show."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
+import os
+import shutil
+import signal
+import socket
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import STALE_MODEL, dvc_args, run_stage
+import yaml
+from conftest import REPO, STALE_MODEL, dvc_args, run_stage
 from PIL import Image
 
 from aebench import config, constants, data, drawing, figures, files, kinds, models
@@ -116,6 +125,40 @@ def test_missing_metrics_fail_naming_the_model(in_root, tmp_path):
     with pytest.raises(ValueError, match=r"no metrics for convnoisy; rerun `dvc repro evaluate`"):
         run_stage("figures", *args)
     assert not (tmp_path / "out").exists()
+
+
+def test_interrupted_figures_change_no_output(root, project, tmp_path):
+    # Ctrl-C while the PNGs are drawn, after denoising.png is done (it would change: another
+    # noise seed) and before test_mse.png: no PNG and no table may be replaced, or all of them.
+    copy = Path(shutil.copytree(root, tmp_path / "project"))
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["evaluate"]["noise_seed"] += 1
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    outputs = [copy / dvc_args("figures")[OVERLAY],
+               *sorted((copy / dvc_args("figures")[OUT_DIR]).iterdir())]
+    def state(path: Path) -> tuple[int, str]:  # a replaced file is a new inode
+        return path.stat().st_ino, hashlib.sha256(path.read_bytes()).hexdigest()
+
+    before = {p.name: state(p) for p in outputs}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": project.tracking_uri}
+    stage = subprocess.Popen([sys.executable, "-m", "stages.figures", *dvc_args("figures")],
+                             cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                         signal.SIG_DFL))
+    own = copy / ".dvc/tmp/aebench" / f"{socket.gethostname()}-{stage.pid}"
+    for _ in range(1200):  # training_curves.png under way: denoising.png is written
+        if own.is_dir() and any(p.name.startswith(".training_curves.png.")
+                                for p in own.iterdir()):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"figures never got to training_curves.png: {stage.communicate()}")
+    stage.send_signal(signal.SIGINT)
+    _, err = stage.communicate(timeout=120)
+    assert (stage.returncode, err.splitlines()[-1]) == (130, "interrupted: stages.figures "
+                                                             "(SIGINT)")
+    assert {p.name: state(p) for p in outputs} == before
+    assert not own.exists()  # its temporaries went with it
 
 
 # --------------------------------------------------------------------------- figure functions

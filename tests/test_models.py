@@ -72,6 +72,13 @@ def test_same_seed_builds_the_same_weights():
     ({"channels": [1, 4, 8, 16]}, "channels [1, 4, 8, 16], kernel 3, pool 2 give 30 x 30"),
     ({"pool": 3}, "pool 3 give 30 x 30"),
     ({"channels": [3, 16]}, "channels [3, 16] must be positive and start at 1"),
+    # a code with no pixels: said as such, with the key to change and the values that work
+    ({"kernel": 30}, "kernel 30 leaves no code: 2 convolution(s) take 29 pixels each off the "
+                     "image's 28-pixel side; set kernel to 1..14 (with pool 2)"),
+    ({"pool": 100}, "pool 100 leaves no code: it is larger than the 24 x 24 maps the "
+                    "convolutions leave (code side 0); set pool to 2 (with kernel 3)"),
+    ({"pool": 24}, "kernel 3, pool 24 give 72 x 72 outputs from 28 x 28 images, not 28 x 28; "
+                   "set pool to 2 (with kernel 3)"),
 ])
 def test_conv_geometry_that_does_not_return_28x28_is_refused_naming_the_model(change, expect):
     entry = dict(copy.deepcopy(PARAMS["models"]["conv16"]), **change)
@@ -79,6 +86,20 @@ def test_conv_geometry_that_does_not_return_28x28_is_refused_naming_the_model(ch
         kinds.validate_model("conv16", entry)
     assert str(err.value).startswith("params.yaml: models.conv16: ")
     assert expect in str(err.value)
+
+
+def test_the_values_a_geometry_error_suggests_are_exactly_those_that_work():
+    entry = copy.deepcopy(PARAMS["models"]["conv16"])
+    works = [k for k in range(1, 31) if _valid(dict(entry, kernel=k))]
+    assert works == list(range(1, 15))  # "set kernel to 1..14 (with pool 2)"
+
+
+def _valid(entry) -> bool:
+    try:
+        kinds.validate_model("conv16", entry)
+    except ConfigError:
+        return False
+    return True
 
 
 def test_pixel_scales_round_trip():
@@ -142,7 +163,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
                                          r"\.yaml models\.under30 \(differs in: epochs\)"):
         load_checkpoint(path, "under30", other)
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"weights\.pt: not a valid aebench checkpoint"):
+    with pytest.raises(ValueError, match=r"weights\.pt: not a readable aebench checkpoint"):
         load_checkpoint(path, "under30", cfg)
     with pytest.raises(FileNotFoundError, match=r"'nope'.*dvc repro train@nope"):
         load_checkpoint(tmp_path / "nope" / "weights.pt", "nope")

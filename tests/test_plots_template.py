@@ -99,3 +99,32 @@ def test_plots_show_writes_an_offline_page_with_one_overlay_of_every_curve(tmp_p
 
     figures = sorted(p.name for p in (ROOT / "plots" / "figures").glob("*.png"))
     assert figures and all(f"plots/figures/{name}" in page for name in figures)
+
+
+def test_log_y_template_colours_ticks_and_floor():
+    from aebench.drawing import PCA_FLOOR
+
+    template = json.loads((ROOT / ".dvc/plots/log_y.json").read_text())
+    encoding = template["encoding"]
+    # a categorical scheme of 10 colours, in the data's order (params.yaml's): the colours the
+    # PNGs give each model (matplotlib's tab10 is d3's category10)
+    assert encoding["color"]["scale"] == {"scheme": "category10"}
+    assert encoding["color"]["sort"] is None
+    assert encoding["x"]["axis"] == {"tickMinStep": 1, "format": "d"}  # epochs, components
+    # the floor of the PCA PNG, not float noise down to 1e-15
+    [floor] = [float(t["filter"].split(">=")[1]) for t in template["transform"] if "filter" in t]
+    assert floor == PCA_FLOOR
+    # a line per curve and revision (dashed by revision), and a point at each value: a one-epoch
+    # run (make smoke) has nothing to draw a line between
+    line, point = template["layer"]
+    assert line["mark"]["type"] == "line" and line["encoding"]["strokeDash"]["field"] == "rev"
+    assert point["mark"]["type"] == "point"
+
+
+def test_offline_page_scales_wide_figures_to_its_width():
+    html = TEMPLATE.read_text(encoding="utf8")
+    style = html.split("<style>", 1)[1].split("</style>", 1)[0]
+    assert re.search(r'div\[style\*="nowrap"\] img \{\s*max-width: 100%;', style)
+    assert "white-space: normal !important;" in style
+    script = (ROOT / ".dvc/plots/build_offline_template.sh").read_text()
+    assert style in script  # the page is what its build script writes

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from conftest import STALE_MODEL, TINY_MODELS, run_stage
 
-from aebench import report
+from aebench import report, tracking
 
 
 def model(latent, mse, n=3, std=0.001, pca=None, **extra):
@@ -111,7 +111,7 @@ def test_figure_links_relative_to_the_report(tmp_path):
     assert summary().rstrip().endswith("## Figures\n\nNone.")
 
 
-def test_report_stage(project_copy):
+def test_report_stage(project_copy, mlflow_client):
     (project_copy / "plots/figures").mkdir(parents=True)
     (project_copy / "plots/figures/x.png").write_bytes(b"")
     run_stage("report")  # the arguments of dvc.yaml
@@ -125,3 +125,11 @@ def test_report_stage(project_copy):
     assert "| deep3 |" not in text.split("## Denoising")[1]
     assert sorted(p.name for p in (project_copy / "reports").iterdir()) == \
         ["details.json", "summary.md"]  # no temporary file left
+    # attached to the evaluation run that wrote the details it read, as its description too
+    experiment = mlflow_client.get_experiment_by_name("aebench").experiment_id
+    sha = tracking.sha256_file(project_copy / "reports/details.json")
+    (evaluation, *_) = mlflow_client.search_runs(
+        [experiment], f"tags.details_sha256 = '{sha}'", order_by=["attributes.start_time DESC"])
+    assert [a.path for a in mlflow_client.list_artifacts(evaluation.info.run_id, "reports")] == \
+        ["reports/details.json", "reports/summary.md"]
+    assert evaluation.data.tags["mlflow.note.content"].endswith(text)

@@ -68,6 +68,9 @@ def _store_uri(store, monkeypatch):
 
 
 EPOCHS = [{"epoch": e, "train_loss": 1 / e, "test_mse": 0.5 / e} for e in (1, 2, 3)]
+# what training.curve_rows makes of the replicas' epochs: mean and std per epoch
+CURVE = [{"epoch": e, "test_mse": 0.5 / e, "test_mse_std": 0.01 * e, "train_loss": 1 / e,
+          "train_loss_std": 0.02 * e} for e in (1, 2, 3)]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +84,8 @@ def trained(store):
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
         assert tracking.open_store() == experiment_id  # an earlier test may have moved MLflow
         params = {"kind": "mlp", "optimizer.lr": 1e-3, "n_train": 50, "device": "cpu"}
-        with tracking.training_run(experiment_id, "deep3", params) as parent:
+        with tracking.training_run(experiment_id, "deep3", params,
+                                   color=tracking.model_color(0)) as parent:
             out["parent"] = parent
             for i in range(2):
                 with tracking.replica_run("deep3", i, seed=i) as child:
@@ -93,6 +97,8 @@ def trained(store):
                         params=params))
                     out["children"].append(child)
                     out["nets"].append(net)
+            tracking.log_training_curve(CURVE)
+            out["versions"] = tracking.register_training("deep3", out["models"])
     return out
 
 
@@ -164,7 +170,14 @@ def test_training_is_one_parent_run_with_one_child_per_replica(store, trained):
     assert parent.data.tags["model"] == "deep3"
     assert parent.data.tags["dvc_exp_name"] == "exp-abc"
     assert parent.data.tags["git_commit"] == tracking.git_commit()
-    assert parent.data.metrics == {}  # counts and sizes are params, not metrics
+    assert "smoke" not in parent.data.tags
+    assert parent.data.tags["mlflow.runColor"] == "#1f77b4"  # the UI's colour of its runs
+    # the results over replicas, per epoch, on the parent: its row and curve in the UI (counts
+    # and sizes are params, not metrics)
+    assert parent.data.metrics == {k: v for k, v in CURVE[-1].items() if k != "epoch"}
+    for key in ("test_mse", "test_mse_std", "train_loss", "train_loss_std"):
+        history = client.get_metric_history(trained["parent"], key)
+        assert [(m.step, m.value) for m in history] == [(r["epoch"], r[key]) for r in CURVE]
 
     children = client.search_runs(
         [store[0]], f"tags.mlflow.parentRunId = '{trained['parent']}'",
@@ -178,12 +191,27 @@ def test_training_is_one_parent_run_with_one_child_per_replica(store, trained):
         assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.25), (3, 0.5 / 3)]
         assert client.get_metric_history(run.info.run_id, "train_seconds")[0].step == 3
         assert set(run.data.metrics) == {"train_loss", "test_mse", "train_seconds"}
+        assert run.data.tags["mlflow.runColor"] == "#1f77b4"  # its model's
 
 
-def test_misuse_is_named():
+def test_run_colours_are_the_pngs_and_dvc_plots_colours():
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    tab10 = [to_hex(c) for c in colormaps["tab10"].colors]  # drawing.model_colors; category10
+    assert [tracking.model_color(i) for i in range(12)] == tab10 + tab10[:2]
+
+
+def test_misuse_is_named(store):
     with pytest.raises(RuntimeError, match="inside training_run"):
         with tracking.replica_run("deep3", 0, seed=0):
             pass
+    with tracking.training_run(store[0], "misused", {}):
+        with tracking.replica_run("misused", 0, seed=0):
+            with pytest.raises(RuntimeError, match="after the replica runs have ended"):
+                tracking.log_training_curve(CURVE)
+            with pytest.raises(RuntimeError, match="after its replica runs"):
+                tracking.register_training("misused", [])
     with pytest.raises(RuntimeError, match="log_epochs must run inside replica_run"):
         tracking.log_epochs(EPOCHS)
     with pytest.raises(ValueError, match="pixels '0,255' is not one of 0,1, -1,1"):
@@ -210,6 +238,67 @@ def test_logged_model_loads_as_the_module_itself(trained):
     assert logged.tags["weights_sha256"] == sha("deep3", 0)
     code = mlflow.MlflowClient().list_logged_model_artifacts(model_id, "code/aebench")
     assert {"code/aebench/cli.py", "code/aebench/tracking"} <= {f.path for f in code}  # it travels
+
+
+def train_tiny(experiment_id: str, name: str, replicas: int, fail_at: int | None = None):
+    """Model `name` trained as the train stage records it: `replicas` replica runs each logging
+    a TinyAE, then the curve and the registration; replica `fail_at` raises instead. Returns
+    (logged model ids, registered versions)."""
+    ids = []
+    with tracking.training_run(experiment_id, name, {}):
+        for i in range(replicas):
+            with tracking.replica_run(name, i, seed=i):
+                if i == fail_at:
+                    raise ValueError("diverged")
+                ids.append(tracking.log_replica_model(TinyAE(), name=name, index=i,
+                                                      pixels="0,1", weights_sha256=sha(name, i)))
+        tracking.log_training_curve(CURVE)
+        return ids, tracking.register_training(name, ids)
+
+
+def test_each_replica_is_a_version_of_the_registered_model(trained):
+    client = mlflow.MlflowClient()
+    registered = client.get_registered_model("aebench-deep3")
+    assert tracking.registry.aliases("deep3") == {"r0": trained["versions"][0],
+                                                  "r1": trained["versions"][1]}
+    assert "@best" in registered.description
+    for i, version in enumerate(trained["versions"]):
+        mv = client.get_model_version("aebench-deep3", version)
+        assert mv.source == f"models:/{trained['models'][i]}"
+        assert mv.run_id == trained["children"][i]
+        assert mv.tags == {"model": "deep3", "replica": str(i), "weights_sha256": sha("deep3", i),
+                           "model_id": trained["models"][i], "training_run_id": trained["parent"]}
+    net = mlflow.pytorch.load_model("models:/aebench-deep3@r1")
+    x = torch.rand(2, 784)
+    with torch.no_grad():
+        assert torch.equal(net(x), trained["nets"][1](x))
+
+
+def test_a_training_moves_the_aliases_once_all_replicas_are_in(store):
+    client = mlflow.MlflowClient()
+    ids, versions = train_tiny(store[0], "moved", 3)
+    assert tracking.registry.set_best("moved", sha("moved", 2)) == versions[2]
+    assert tracking.registry.aliases("moved") == {"r0": "1", "r1": "2", "r2": "3", "best": "3"}
+
+    # a failed training registers nothing and moves no alias (its replica 0 is logged)
+    with pytest.raises(ValueError, match="diverged"):
+        train_tiny(store[0], "moved", 2, fail_at=1)
+    assert tracking.registry.aliases("moved") == {"r0": "1", "r1": "2", "r2": "3", "best": "3"}
+    assert len(client.search_model_versions("name = 'aebench-moved'")) == 3
+
+    # a new training with fewer replicas: @r2 and the stale @best go
+    ids, versions = train_tiny(store[0], "moved", 2)
+    assert versions == ["4", "5"]
+    assert tracking.registry.aliases("moved") == {"r0": "4", "r1": "5"}
+    assert client.get_model_version_by_alias("aebench-moved", "r1").source == f"models:/{ids[1]}"
+
+
+def test_best_of_an_unregistered_model_is_a_warning(trained, capsys):
+    before = tracking.registry.aliases("deep3")
+    assert tracking.registry.set_best("deep3", "f" * 64) is None
+    assert "aebench-deep3: no registered version with weights sha256 ffffffffffff..." in \
+        capsys.readouterr().err
+    assert tracking.registry.aliases("deep3") == before
 
 
 def test_find_logged_model_by_weights_sha256(store, trained):
@@ -251,6 +340,8 @@ def test_evaluation_is_a_new_run_attached_to_the_logged_model(store, trained, tm
     assert child.info.run_name == "deep3-r0-eval"
     assert child.data.tags["training_run_id"] == train_child
     assert child.data.tags["training_parent_run_id"] == trained["parent"]
+    assert child.data.tags["mlflow.runColor"] == "#1f77b4"  # the model's colour
+    assert parent.data.tags["mlflow.runColor"] == "#444444"  # not a model's run
     assert child.data.metrics == {"test_mse": 0.03, "psnr": 17.0}
     assert [d.dataset.name for d in child.inputs.dataset_inputs] == ["mnist_test"]
 
@@ -260,6 +351,68 @@ def test_evaluation_is_a_new_run_attached_to_the_logged_model(store, trained, tm
     assert {m.dataset_name for m in metrics} == {"mnist_test"}
     assert len(client.get_metric_history(train_child, "test_mse")) == points_before
     assert client.list_artifacts(train_child, "figures") == []
+
+
+HEADLINE = {"deep3": {"mse": {"mean": 0.03, "std": 0.001}, "sse_per_image": {"mean": 23.52,
+                                                                           "std": 0.784},
+                      "test_loss": {"mean": 0.12, "std": 0.004}, "n": 2},
+            "conv16": {"mse": {"mean": 0.001, "std": 0.0002},
+                       "sse_per_image": {"mean": 0.784, "std": 0.1568}, "n": 2}}
+DETAILS = {"deep3": {"latent_dim": 3, "pca": {"k": 3, "mse": 0.05}},
+           "conv16": {"latent_dim": 2304, "pca": {"k": 784, "mse": 0.0}}}
+
+
+def test_the_evaluation_run_holds_the_results_and_the_report(store, trained, tmp_path):
+    client = mlflow.MlflowClient()
+    for folder in ("metrics", "reports"):
+        (tmp_path / folder).mkdir()
+    files = [tmp_path / "metrics/models.json", tmp_path / "reports/details.json"]
+    for f in files:
+        f.write_text(f"{{\"{f.stem}\": 1}}\n")
+    with tracking.evaluation_run(store[0]) as run_id:
+        for i, mse in enumerate((0.031, 0.029)):  # replica 1 is the best
+            tracking.log_evaluation("deep3", i, sha("deep3", i), {"test_mse": mse})
+        tracking.log_results(HEADLINE, DETAILS, files, files[1])
+    run = client.get_run(run_id)
+    assert run.data.metrics == {f"evaluation/{key}": value for key, value in {
+        "test_mse.deep3": 0.03, "test_mse_std.deep3": 0.001, "test_sse_per_image.deep3": 23.52,
+        "test_sse_per_image_std.deep3": 0.784, "test_loss.deep3": 0.12,
+        "test_loss_std.deep3": 0.004, "pca_mse.deep3": 0.05,
+        "test_mse.conv16": 0.001, "test_mse_std.conv16": 0.0002,
+        "test_sse_per_image.conv16": 0.784, "test_sse_per_image_std.conv16": 0.1568,
+        "pca_mse.conv16": 0.0}.items()}
+    assert run.data.tags["details_sha256"] == tracking.sha256_file(files[1])
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"headline.json", "metrics",
+                                                              "reports"}
+    assert [a.path for a in client.list_artifacts(run_id, "metrics")] == ["metrics/models.json"]
+    table = client.load_table(store[0], "headline.json", run_ids=[run_id])
+    assert list(table["model"]) == ["conv16", "deep3"]  # best first
+    assert list(table.columns[:8]) == ["model", "test_mse", "test_mse_std", "latent_dim", "pca_k",
+                                       "pca_mse", "mse_over_pca", "beats_pca"]
+    assert list(table["beats_pca"]) == ["n/a (PCA exact)", "yes"]
+    assert table["test_loss"].tolist() == [0.001, 0.12]  # conv16's loss is the mse itself
+    assert table["mse_over_pca"][1] == pytest.approx(0.6)
+    # @best: the replica with the lowest test mse of this evaluation
+    assert tracking.registry.aliases("deep3")["best"] == trained["versions"][1]
+
+    report = tmp_path / "reports/summary.md"
+    report.write_text("# aebench\n\n| model | test MSE |\n|---|---|\n| deep3 | 0.03 |\n")
+    with tracking.evaluation_run(store[0]) as other:  # another evaluation, other details
+        tracking.log_results(HEADLINE, DETAILS, [], files[0])
+    assert tracking.attach_report(store[0], files[1], report) == run_id
+    assert other != run_id
+    run = client.get_run(run_id)
+    assert run.data.tags["mlflow.note.content"].endswith(report.read_text())
+    assert [a.path for a in client.list_artifacts(run_id, "reports")] == \
+        ["reports/details.json", "reports/summary.md"]
+
+
+def test_a_report_without_its_evaluation_run_is_a_warning(store, tmp_path, capsys):
+    details = tmp_path / "details.json"
+    details.write_text("{}\n")
+    (tmp_path / "summary.md").write_text("# report\n")
+    assert tracking.attach_report(store[0], details, tmp_path / "summary.md") is None
+    assert "warning: no evaluation run in sqlite:///" in capsys.readouterr().err
 
 
 def test_checkpoint_without_logged_model_is_a_warning(store, capsys):
@@ -324,10 +477,17 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(store):
     assert status["elsewhere"].info.status == "RUNNING"
 
 
-def test_readme_snippet(store, trained, mnist_csv, monkeypatch):
+def test_readme_snippet(store, trained, mnist_csv, tmp_path, monkeypatch):
+    # As after `make smoke`: the project's root names the smoke store, which has the smoke run's
+    # data beside it; the snippet runs from the root, where there is no mlflow.db.
     folder = store[1]
     shutil.copytree(mnist_csv, folder / "data" / "csv", dirs_exist_ok=True)
-    monkeypatch.chdir(folder)
+    root = tmp_path / "project"
+    root.mkdir()
+    tracking.store.record_last_store(f"sqlite:///{folder / 'mlflow.db'}", root)
+    tracking.registry.set_best("deep3", sha("deep3", 0))  # evaluate sets it
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     scope: dict = {}
     exec(readme_snippet(), scope)
     assert scope["pixels"] == "-1,1"
@@ -336,3 +496,68 @@ def test_readme_snippet(store, trained, mnist_csv, monkeypatch):
         expected = trained["nets"][0].eval()(scope["x"])
     trained["nets"][0].train()
     assert torch.equal(scope["reconstructions"], expected)
+    assert sorted(p.name for p in root.iterdir()) == [".mlflow-last-store"]  # no store made
+
+
+def test_last_store_is_the_recorded_one_else_the_working_copys(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    root = tmp_path / "project"
+    (root / ".smoke").mkdir(parents=True)
+    with pytest.raises(tracking.TrackingError, match=f"no MLflow store at {root}/mlflow.db: "
+                                                     "nothing has run"):
+        tracking.last_store(root)
+    assert not (root / "mlflow.db").exists()
+    (root / "mlflow.db").write_bytes(b"")
+    assert tracking.last_store(root) == f"sqlite:///{root}/mlflow.db"
+    tracking.store.record_last_store(f"sqlite:///{root}/.smoke/mlflow.db", root)
+    assert tracking.last_store(root) == f"sqlite:///{root}/mlflow.db"  # recorded, but deleted
+    (root / ".smoke/mlflow.db").write_bytes(b"")
+    assert tracking.last_store(root / ".dvc/tmp/exps/tmp1") == \
+        f"sqlite:///{root}/.smoke/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.last_store(root) == "http://127.0.0.1:5000"
+
+
+def test_a_stage_on_the_default_store_records_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    exps = tmp_path / ".dvc/tmp/exps/tmp1"  # a `dvc exp run --temp` copy: the root's store
+    exps.mkdir(parents=True)
+    tracking.open_store(exps)
+    assert (tmp_path / ".mlflow-last-store").read_text() == f"sqlite:///{tmp_path}/mlflow.db\n"
+    # a store set by hand is not recorded
+    (tmp_path / ".mlflow-last-store").unlink()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
+    tracking.open_store(tmp_path)
+    assert not (tmp_path / ".mlflow-last-store").exists()
+
+
+def test_make_ui_opens_the_last_runs_store_in_the_model_training_view(store, tmp_path,
+                                                                      monkeypatch, capsys):
+    from aebench.tracking import ui
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    root = tmp_path / "project"
+    root.mkdir()
+    monkeypatch.chdir(root)
+    assert ui.main([]) == 1  # nothing has run here: one line, and no empty store made
+    assert "error: no MLflow store at" in capsys.readouterr().err
+    assert list(root.iterdir()) == []
+
+    smoke_store = f"sqlite:///{store[1] / 'mlflow.db'}"
+    tracking.store.record_last_store(smoke_store, root)  # as `make smoke` does
+    ran = []
+    monkeypatch.setattr(ui.os, "execvp", lambda file, args: ran.append(args))
+    ui.main(["--port", "5001"])
+    out = capsys.readouterr().out
+    assert f"MLflow store: {smoke_store} (the last run's" in out
+    assert (f"open http://127.0.0.1:5001/#/experiments/{store[0]}/runs"
+            "?workflowType=machine_learning") in out
+    assert "Model training" in out
+    [args] = ran
+    assert args[1:] == ["ui", "--backend-store-uri", smoke_store, "--host", "127.0.0.1",
+                        "--port", "5001"]
+    # STORE=folder: that folder's mlflow.db
+    ui.main([str(store[1])])
+    assert ran[-1][3] == smoke_store
+    assert ui.main([str(tmp_path / "nowhere")]) == 1
+    assert "STORE=" in capsys.readouterr().err

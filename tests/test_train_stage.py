@@ -7,6 +7,8 @@ import csv
 import os
 import shutil
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -87,6 +89,47 @@ def test_training_is_recorded_in_mlflow(project, mlflow_client):
         assert params["n_train"] == str(TRAIN_LIMIT) and params["train.limit"] == str(TRAIN_LIMIT)
         assert params["optimizer.lr"] == "0.001" and params["device"] == "cpu"
         assert params["replicas"] == "2" and params["kind"] == TINY_MODELS[name]["kind"]
+        # the model's colour in the PNGs, by its place in params.yaml
+        color = tracking.model_color(list(TINY_MODELS).index(name))
+        assert parent.data.tags["mlflow.runColor"] == child.data.tags["mlflow.runColor"] == color
+        # the curve (mean and std over replicas per epoch) on the parent: the model's own row
+        with open(project.root / "plots/curves" / f"{name}.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        for key in CURVE_HEADER[1:]:
+            history = mlflow_client.get_metric_history(parent.info.run_id, key)
+            assert [m.step for m in history] == [1, 2]
+            assert [m.value for m in history] == \
+                pytest.approx([float(r[key]) for r in rows], rel=1e-5)
+
+
+def test_each_replica_is_a_version_with_an_alias(project, mlflow_client):
+    for name in TINY_MODELS:
+        for r in range(2):
+            version = mlflow_client.get_model_version_by_alias(f"aebench-{name}", f"r{r}")
+            # the latest training: here, or the retraining of a test that ran before this one,
+            # which wrote the same bytes
+            assert version.tags["weights_sha256"] == \
+                tracking.sha256_file(project.root / f"data/models/{name}/r{r}.pt")
+            assert version.tags["replica"] == str(r)
+
+
+def test_a_failed_training_moves_no_alias(project_copy, mlflow_client, monkeypatch):
+    registered = "aebench-deep3"
+    before = mlflow_client.get_registered_model(registered).aliases
+    versions = len(mlflow_client.search_model_versions(f"name = '{registered}'"))
+    train_replica = training.train_replica
+
+    def second_fails(*args, seed, **kwargs):  # replica 0 trains and is logged, replica 1 fails
+        if seed == 1:
+            raise training.TrainingError("model deep3-r1: diverged")
+        return train_replica(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(training, "train_replica", second_fails)  # in this process:
+    set_params(project_copy, lambda p: p["train"].update(workers=1))  # no worker processes
+    with pytest.raises(training.TrainingError, match="diverged"):
+        run_stage("train", key="deep3")
+    assert mlflow_client.get_registered_model(registered).aliases == before
+    assert len(mlflow_client.search_model_versions(f"name = '{registered}'")) == versions
 
 
 def test_one_after_another_gives_the_bytes_of_two_workers(project, project_copy):
@@ -245,3 +288,160 @@ def test_cli_unwritable_output_fails_before_training(tmp_path, project_copy):
     assert len(lines) == 1 and lines[0].startswith(
         "error: blocker/sub/deep3: cannot write this output (Not a directory)"), proc.stderr
     assert not store.parent.exists()  # failed before the MLflow store was even opened
+
+
+def stage_process(root: Path, *argv: str, limit_bytes: int | None = None, uri: str | None = None,
+                  before: str = "", **env: str) -> subprocess.Popen:
+    """`python -m stages.train ARGV` (dvc.yaml's arguments for deep3 unless given) in `root`,
+    as DVC would start it; `limit_bytes` sets a file-size limit (`ulimit -f`) for it, after
+    the code in `before` has run (opening the store, say)."""
+    argv = argv or ("deep3", "data/csv", "data/models/deep3", "plots/curves/deep3.csv")
+    code = (f"import resource, sys\nfrom aebench import cli, tracking\nfrom stages import train\n"
+            f"{before}\n")
+    if limit_bytes:
+        code += f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_bytes}, {limit_bytes}))\n"
+    code += f"cli.run(train.main, train.USAGE, train.__doc__, {list(argv)!r})\n"
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    if uri:
+        full_env["MLFLOW_TRACKING_URI"] = uri
+    if "AEBENCH_DEBUG" not in env:
+        full_env.pop("AEBENCH_DEBUG", None)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=root, env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the stage's progress: what a user reads when it fails."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and not line.startswith(("train@", "train deep3"))]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes()
+            for folder in ("data/models", "plots/curves") for p in (root / folder).rglob("*")
+            if p.is_file()}
+
+
+def test_sigkill_mid_training_leaves_nothing_in_data_models_and_the_next_run_cleans(
+        project_copy, capsys):
+    before = snapshot(project_copy)
+    set_params(project_copy, lambda p: p["models"]["deep3"].update(epochs=100_000))
+    trainer = stage_process(project_copy)
+    own = project_copy / ".dvc/tmp/aebench" / f"{socket.gethostname()}-{trainer.pid}"
+    for _ in range(600):  # until its weights folder is being written: mid-training
+        if own.is_dir() and any(p.name.startswith(".deep3.") for p in own.iterdir()):
+            break
+        time.sleep(0.1)
+    trainer.kill()  # SIGKILL: no cleanup, no handler
+    trainer.communicate()
+    assert any(own.iterdir())  # the half-trained folder is there ...
+    assert snapshot(project_copy) == before  # ... not in data/models or plots/curves
+    set_params(project_copy, lambda p: p["models"]["deep3"].update(epochs=2))
+    run_stage("train", key="deep3")
+    assert not own.exists()
+    assert f"removed what 1 killed run(s) left: {own}\n" in capsys.readouterr().err
+    assert snapshot(project_copy) == before  # the same params: the same bytes
+
+
+def test_file_size_limit_on_a_checkpoint_names_it_and_keeps_the_last_weights(project,
+                                                                             project_copy):
+    before = snapshot(project_copy)
+    wide = {"encoder": [784, 2048, 3], "decoder": [3, 2048, 784], "epochs": 1}  # r0.pt: 12.9 MB
+    set_params(project_copy, lambda p: p["models"]["deep3"].update(wide))
+    store = Path(project.tracking_uri.removeprefix("sqlite:///"))
+    limit = store.stat().st_size + 4_000_000  # the store may grow; the checkpoint may not
+    assert limit < 12_000_000
+    trainer = stage_process(project_copy, limit_bytes=limit)
+    _, err = trainer.communicate(timeout=300)
+    assert trainer.returncode == 1
+    assert error_lines(err) == [
+        "error: data/models/deep3/r0.pt: cannot write this output (File too large); a file-size "
+        "limit (`ulimit -f`) is below its size: raise the limit"]
+    assert snapshot(project_copy) == before
+    assert list((project_copy / ".dvc/tmp/aebench").iterdir()) == []
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_file_size_limit_while_mlflow_writes_names_the_store(project, project_copy, tmp_path,
+                                                             debug):
+    db = tmp_path / "mlflow.db"
+    shutil.copy(project.tracking_uri.removeprefix("sqlite:///"), db)
+    uri = f"sqlite:///{db}"
+    # the store opened, then a limit far below its size: its next write fails (sqlite: EFBIG)
+    trainer = stage_process(project_copy, limit_bytes=64_000, uri=uri,
+                            before="tracking.open_store()",
+                            **({"AEBENCH_DEBUG": "1"} if debug else {}))
+    _, err = trainer.communicate(timeout=300)
+    assert trainer.returncode == 1
+    line = (f"error: MLflow tracking store {uri}: sqlite: disk I/O error; check the free space "
+            f"and the file-size limit (`ulimit -f`) where {db} lies (AEBENCH_DEBUG=1 for the "
+            "traceback)")
+    if debug:  # MLflow's own report and the chain of exceptions
+        assert "Traceback" in err and "SQLAlchemy database error" in err
+        assert err.splitlines()[-1] == line
+    else:
+        assert error_lines(err) == [line]
+
+
+def test_store_damaged_past_its_header_names_the_store(project, project_copy, tmp_path,
+                                                       monkeypatch):
+    db = tmp_path / "mlflow.db"
+    shutil.copy(project.tracking_uri.removeprefix("sqlite:///"), db)
+    with sqlite3.connect(db) as con:
+        page = con.execute("select rootpage from sqlite_master where name = 'runs'").fetchone()[0]
+        size = con.execute("pragma page_size").fetchone()[0]
+    with open(db, "r+b") as f:  # the first page of the runs table, garbage
+        f.seek((page - 1) * size)
+        f.write(b"\xff" * size)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    tracking.open_store()  # the header and the experiment still read
+    with pytest.raises(tracking.TrackingError) as err:
+        run_stage("train", key="deep3")
+    assert str(err.value) == (
+        f"MLflow tracking store sqlite:///{db}: sqlite: database disk image is malformed; the "
+        f"store is damaged: move {db} aside (the next run starts a new store) or put back a "
+        "copy (AEBENCH_DEBUG=1 for the traceback)")
+
+
+def test_a_batch_larger_than_the_training_set_is_warned_once(project_copy, capsys):
+    set_params(project_copy, lambda p: p["models"]["deep3"].update(batch_size=64))
+    run_stage("train", key="deep3")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [f"warning: params.yaml: models.deep3.batch_size 64 is larger than the "
+                        f"{TRAIN_LIMIT} training images (train.limit {TRAIN_LIMIT}): every epoch "
+                        f"is one batch of {TRAIN_LIMIT}"]
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("deep3", "epochs", 10**20, "models.deep3.epochs: 100000000000000000000 is not allowed; "
+                                "Input should be less than or equal to 100000"),
+    ("deep3", "replicas", 1000, "models.deep3.replicas: 1000 is not allowed; Input should be "
+                                "less than or equal to 100"),
+    ("train", "replicas", 101, "train.replicas: 101 is not allowed; Input should be less than or "
+                               "equal to 100"),
+    ("train", "seed", 2**64, "train.seed: 18446744073709551616 is not allowed; Input should be "
+                             "less than or equal to 4294967295"),
+    ("train", "limit", 10**20, "train.limit: 100000000000000000000 is not allowed; Input should "
+                               "be less than or equal to 1000000000"),
+])
+def test_values_that_would_fail_late_fail_before_data_or_runs(project_copy, tmp_path,
+                                                               monkeypatch, section, key, value,
+                                                               message):
+    target = (lambda p: p["train"]) if section == "train" else (lambda p: p["models"][section])
+    set_params(project_copy, lambda p: target(p).update({key: value}))
+    shutil.rmtree(project_copy / "data/csv")  # nothing may be read ...
+    store = tmp_path / "never" / "mlflow.db"  # ... nor any run opened
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    with pytest.raises(ConfigError) as err:
+        run_stage("train", key="deep3")
+    assert str(err.value) == f"params.yaml: {message}"
+    assert not store.parent.exists()
+
+
+def test_a_model_name_too_long_for_a_file_name_fails_before_any_work(project_copy):
+    name = "m" * 245  # a folder fits 255 bytes; its temporary .NAME.XXXXXXXX.tmp would not
+    set_params(project_copy, lambda p: p["models"].update({name: p["models"]["deep3"]}))
+    with pytest.raises(ConfigError, match=r"^params\.yaml: models: m{20}\.\.\. \(245 "
+                                          r"characters\) is too long for a model name; use at "
+                                          r"most 100 "):
+        run_stage("train", name, "data/csv", f"data/models/{name}", f"plots/curves/{name}.csv")

@@ -85,6 +85,19 @@ HTML
         table {
             border-spacing: 15px;
         }
+        /* dvc-render puts each image plot's revisions on one line (white-space: nowrap) and
+           hides what overflows: a wide figure was cut off at the right. Let the revisions wrap,
+           and scale each image down to the page's width. */
+        div[style*="nowrap"] {
+            white-space: normal !important;
+        }
+        div[style*="nowrap"] > div {
+            max-width: calc(100% - 16px);
+        }
+        div[style*="nowrap"] img {
+            max-width: 100%;
+            height: auto;
+        }
     </style>
 </head>
 <body>

@@ -23,8 +23,10 @@ from .mlp import MLPConfig
 
 KINDS: dict[str, type[ModelConfig]] = {}
 # A name becomes a folder, a DVC stage name (train@NAME) and a params key (models.NAME.epochs),
-# so no slash, space or dot.
+# so no slash, space or dot; and file names (NAME.csv, a temporary .NAME.csv.XXXXXXXX.tmp) that
+# must fit in 255 bytes (143 on eCryptfs), hence a length well below.
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+MAX_NAME_LENGTH = 100
 
 
 def register(cls: type[ModelConfig]) -> type[ModelConfig]:
@@ -55,6 +57,10 @@ def validate_model(name: str, entry: Any, source: str | Path = PARAMS) -> ModelC
         raise ConfigError(f"{source}: models: {name!r} is not allowed as a model name; use "
                           "letters, digits, '_' and '-', starting with a letter (it names a "
                           "folder, a DVC stage and a params key)")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ConfigError(f"{source}: models: {name[:20]}... ({len(name)} characters) is too "
+                          f"long for a model name; use at most {MAX_NAME_LENGTH} (it names "
+                          "folders and files, and a file name holds at most 255 bytes)")
     if not isinstance(entry, dict):
         raise ConfigError(f"{source}: {key}: {entry!r} is not allowed; expected a mapping")
     if "kind" not in entry:

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..config import Section
+from ..config import MAX_EPOCHS, MAX_REPLICAS, Section
 from ..losses import source_loss
 
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
@@ -20,10 +20,15 @@ OptionalActivation = Literal["none", "relu", "leaky_relu", "tanh", "sigmoid"]
 LEAKY_SLOPE = 0.3  # Keras's LeakyReLU default (seed 003), not torch's 0.01
 
 
+# torch turns lr and weight_decay into float32 scalars, scaled first (Adam's first step is
+# lr / (1 - beta1) = 10 lr): far below float32's 3.4e38, or a step fails with an overflow.
+MAX_RATE = 1e30
+
+
 class Optimizer(Section):
     name: Literal["adam", "nadam"]
-    lr: float = Field(gt=0)
-    weight_decay: float = Field(ge=0)
+    lr: float = Field(gt=0, le=MAX_RATE)
+    weight_decay: float = Field(ge=0, le=MAX_RATE)
 
 
 class ModelConfig(Section):
@@ -37,8 +42,8 @@ class ModelConfig(Section):
     optimizer: Optimizer
     loss: Literal["mse", "bce", "half_mse"]
     batch_size: int = Field(ge=1)
-    epochs: int = Field(ge=1)
-    replicas: int | None = Field(default=None, ge=1)  # None: train.replicas
+    epochs: int = Field(ge=1, le=MAX_EPOCHS)
+    replicas: int | None = Field(default=None, ge=1, le=MAX_REPLICAS)  # None: train.replicas
 
     @model_validator(mode="after")
     def _bce_needs_probabilities(self):

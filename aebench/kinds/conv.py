@@ -46,6 +46,19 @@ def code_side(channels: list[int], kernel: int, pool: int) -> int:
     return (SIDE - (len(channels) - 1) * (kernel - 1)) // pool
 
 
+def output_side(channels: list[int], kernel: int, pool: int) -> int:
+    """Side of the decoder's output, or 0 when the code has no pixels left: the decoder adds
+    back kernel - 1 per transposed convolution, then unpools by `pool`."""
+    side = code_side(channels, kernel, pool)
+    return (side + (len(channels) - 2) * (kernel - 1)) * pool if side >= 1 else 0
+
+
+def _listed(values: list[int]) -> str:
+    if len(values) > 2 and values == list(range(values[0], values[-1] + 1)):
+        return f"{values[0]}..{values[-1]}"
+    return ", ".join(map(str, values))
+
+
 class ConvConfig(ModelConfig):
     kind: Literal["conv"]
     channels: list[int] = Field(min_length=2)
@@ -56,17 +69,28 @@ class ConvConfig(ModelConfig):
 
     @model_validator(mode="after")
     def _geometry_returns_28x28(self):
-        if self.channels[0] != 1 or min(self.channels) < 1:
-            raise ValueError(f"channels {self.channels} must be positive and start at 1 (one "
+        channels, kernel, pool = self.channels, self.kernel, self.pool
+        if channels[0] != 1 or min(channels) < 1:
+            raise ValueError(f"channels {channels} must be positive and start at 1 (one "
                              "grey channel)")
-        side = code_side(self.channels, self.kernel, self.pool)
-        # The decoder adds back kernel - 1 per transposed convolution, then unpools by `pool`.
-        out = (side + (len(self.channels) - 2) * (self.kernel - 1)) * self.pool
-        if side < 1 or out != SIDE:
-            raise ValueError(f"channels {self.channels}, kernel {self.kernel}, pool {self.pool} "
-                             f"give {max(out, 0)} x {max(out, 0)} outputs from 28 x 28 images, "
-                             "not 28 x 28")
-        return self
+        kernels = [k for k in range(1, SIDE + 1) if output_side(channels, k, pool) == SIDE]
+        pools = [p for p in range(1, SIDE + 1) if output_side(channels, kernel, p) == SIDE]
+        if (out := output_side(channels, kernel, pool)) == SIDE:
+            return self
+        convs, left = len(channels) - 1, SIDE - (len(channels) - 1) * (kernel - 1)
+        if left < 1:
+            why = (f"kernel {kernel} leaves no code: {convs} convolution(s) take {kernel - 1} "
+                   f"pixels each off the image's {SIDE}-pixel side")
+        elif left < pool:
+            why = (f"pool {pool} leaves no code: it is larger than the {left} x {left} maps the "
+                   "convolutions leave (code side 0)")
+        else:
+            why = (f"channels {channels}, kernel {kernel}, pool {pool} give {out} x {out} "
+                   f"outputs from {SIDE} x {SIDE} images, not {SIDE} x {SIDE}")
+        fixes = [f"kernel to {_listed(kernels)} (with pool {pool})" if kernels else "",
+                 f"pool to {_listed(pools)} (with kernel {kernel})" if pools else ""]
+        fix = " or ".join(f for f in fixes if f) or "fewer channels"
+        raise ValueError(f"{why}; set {fix}")
 
     def build(self) -> ConvAutoencoder:
         return ConvAutoencoder(channels=self.channels, kernel=self.kernel, pool=self.pool,

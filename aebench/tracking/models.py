@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..constants import N_PIXELS
 from .runs import Scalar, quoted
-from .store import EXPERIMENT
+from .store import EXPERIMENT, store_errors
 
 if TYPE_CHECKING:  # mlflow is imported inside the functions: importing it costs seconds
     from mlflow.entities import LoggedModel
@@ -68,15 +68,16 @@ def log_replica_model(model: nn.Module, *, name: str, index: int, pixels: str,
     pickle_warning = _DropMessages("Saving pytorch model by Pickle")
     logging.getLogger("mlflow.pytorch").addFilter(pickle_warning)
     try:
-        info = mlflow.pytorch.log_model(
-            model, name=f"{name}-r{index}", serialization_format="pickle",
-            code_paths=[_aebench_dir()],
-            signature=ModelSignature(inputs=spec, outputs=spec),
-            # explicit requirements: inferring them imports the model in a subprocess (seconds)
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            metadata={"pixels": pixels, "latent_dim": int(model.latent_dim)},
-            tags={"model": name, "replica": str(index), "weights_sha256": weights_sha256},
-            params={key: str(value) for key, value in (params or {}).items()} or None)
+        with store_errors():
+            info = mlflow.pytorch.log_model(
+                model, name=f"{name}-r{index}", serialization_format="pickle",
+                code_paths=[_aebench_dir()],
+                signature=ModelSignature(inputs=spec, outputs=spec),
+                # explicit requirements: inferring them imports the model in a subprocess (seconds)
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                metadata={"pixels": pixels, "latent_dim": int(model.latent_dim)},
+                tags={"model": name, "replica": str(index), "weights_sha256": weights_sha256},
+                params={key: str(value) for key, value in (params or {}).items()} or None)
     finally:
         logging.getLogger("mlflow.pytorch").removeFilter(pickle_warning)
         model.train(was_training)
@@ -86,6 +87,7 @@ def log_replica_model(model: nn.Module, *, name: str, index: int, pixels: str,
 # --------------------------------------------------------------------------- evaluation
 
 
+@store_errors()
 def find_logged(name: str, weights_sha256: str,
                 experiment_id: str | None) -> LoggedModel | None:
     import mlflow

@@ -10,9 +10,22 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-from .store import common_tags
+from ..temporaries import process_alive
+from .store import common_tags, store_errors
 
 Scalar = str | int | float | bool
+# Each model's runs in the UI's charts take the model's colour, by its place in params.yaml:
+# matplotlib's tab10 (which is vega's category10), as in the PNGs (up to 10 models) and the DVC
+# plots, where MLflow would pick one per run id (often alike). Other runs: dark grey.
+MODEL_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+                "#7f7f7f", "#bcbd22", "#17becf")
+OTHER_COLOR = "#444444"
+COLOR_TAG = "mlflow.runColor"  # the UI reads a run's colour from this tag
+
+
+def model_color(index: int) -> str:
+    """The colour of the runs of the model at place `index` (from 0) in params.yaml."""
+    return MODEL_COLORS[index % len(MODEL_COLORS)]
 
 
 def _process_tag() -> str:
@@ -23,21 +36,7 @@ def _process_alive(tag: str | None) -> bool:
     """Whether the process named by a run's `process` tag (host:pid) still runs on this host.
     Another host's process cannot be checked: it counts as alive (its run is left alone)."""
     host, _, pid = (tag or "").rpartition(":")
-    if not pid.isdigit():
-        return False
-    if host != socket.gethostname():
-        return True
-    if int(pid) == os.getpid():
-        return False  # a run of this very process that is RUNNING has been left behind
-    if os.name != "posix":
-        return False  # os.kill(pid, 0) would terminate the process on Windows
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid.isdigit() and process_alive(host, int(pid))
 
 
 @contextmanager
@@ -47,8 +46,9 @@ def tracked_run(experiment_id: str, run_name: str, tags: Mapping[str, str], *,
     SystemExit. Yields the run id."""
     import mlflow
 
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested,
-                           tags={**tags, "process": _process_tag()})
+    with store_errors():
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested,
+                               tags={**tags, "process": _process_tag()})
     status = "FINISHED"
     try:
         yield run.info.run_id
@@ -59,7 +59,8 @@ def tracked_run(experiment_id: str, run_name: str, tags: Mapping[str, str], *,
         status = "KILLED"
         raise
     finally:
-        mlflow.end_run(status)
+        with store_errors():
+            mlflow.end_run(status)
 
 
 def active_run(caller: str, inside: str):
@@ -77,6 +78,7 @@ def quoted(value: str) -> str:
     return f"'{value}'"
 
 
+@store_errors()
 def end_stale_runs(experiment_id: str, **tags: str) -> list[str]:
     """Mark KILLED the runs with these tags (model="deep3", stage="evaluate") still RUNNING
     whose process is gone (a SIGKILL, a power cut); return their ids. Runs of a live process
@@ -110,18 +112,22 @@ def end_stale_runs(experiment_id: str, **tags: str) -> list[str]:
 
 @contextmanager
 def training_run(experiment_id: str, name: str, params: Mapping[str, Scalar],
-                 tags: Mapping[str, str] | None = None) -> Iterator[str]:
+                 tags: Mapping[str, str] | None = None, *,
+                 color: str | None = None) -> Iterator[str]:
     """The parent run of model `name`: its params (flat str -> scalar: config, n_train,
-    device...) and tags (git commit, DVC experiment, model). Yields the run id.
+    device...) and tags (git commit, DVC experiment, model); `color` (model_color) is its and
+    its replicas' colour in the UI. Yields the run id.
 
     Ends stale RUNNING runs of this model first (end_stale_runs); ends KILLED on Ctrl-C or
     SIGTERM, FAILED on an exception, FINISHED otherwise."""
     import mlflow
 
     end_stale_runs(experiment_id, model=name)
-    run_tags = {**common_tags(), "stage": "train", "model": name, **(tags or {})}
+    run_tags = {**common_tags(), "stage": "train", "model": name, **(tags or {}),
+                **({COLOR_TAG: color} if color else {})}
     with tracked_run(experiment_id, name, run_tags, nested=False) as run_id:
-        mlflow.log_params(dict(params))
+        with store_errors():
+            mlflow.log_params(dict(params))
         yield run_id
 
 
@@ -136,9 +142,11 @@ def replica_run(name: str, index: int, seed: int,
     parent = active_run(f"replica_run({name!r})", inside)
     if parent.data.tags.get("model") != name:
         raise RuntimeError(f"replica_run({name!r}) must run inside {inside}")
-    tags = {**common_tags(), "stage": "train", "model": name, "replica": str(index)}
+    tags = {**common_tags(), "stage": "train", "model": name, "replica": str(index),
+            **{k: v for k, v in parent.data.tags.items() if k == COLOR_TAG}}
     with tracked_run(parent.info.experiment_id, f"{name}-r{index}", tags, nested=True) as run_id:
-        mlflow.log_params({"seed": seed, **(params or {})})
+        with store_errors():
+            mlflow.log_params({"seed": seed, **(params or {})})
         yield run_id
 
 
@@ -155,5 +163,19 @@ def log_epochs(epochs: Sequence[Mapping[str, float]],
     last = int(epochs[-1]["epoch"]) if epochs else 0
     metrics += [Metric(key, float(value), now, last) for key, value in (summary or {}).items()]
     run = active_run("log_epochs", "replica_run(...)")
-    mlflow.MlflowClient().log_batch(run.info.run_id, metrics=metrics)
+    with store_errors():
+        mlflow.MlflowClient().log_batch(run.info.run_id, metrics=metrics)
 
+
+
+def log_training_curve(rows: Sequence[Mapping[str, float]]) -> None:
+    """The model's results on its training run, after every replica has finished: per epoch
+    (step = epoch) the mean and std over replicas of each metric in `rows` (the rows of
+    plots/curves/NAME.csv: test_mse, test_mse_std, train_loss, train_loss_std), so the runs
+    table shows each model's final values on its own row and the chart view one curve per
+    model, without expanding the replicas."""
+    run = active_run("log_training_curve", "training_run(...)")
+    if run.data.tags.get("stage") != "train" or "mlflow.parentRunId" in run.data.tags:
+        raise RuntimeError("log_training_curve must run inside training_run(...), after the "
+                           "replica runs have ended")
+    log_epochs(rows)

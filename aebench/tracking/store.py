@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -9,12 +10,92 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .. import cli
+
 EXPERIMENT = "aebench"
 CHECK_TIMEOUT_S = 5.0  # how long open_store waits on an HTTP tracking server
+# The store the working copy's last run wrote, one URI, beside mlflow.db (ignored by git): the
+# stages record their default store there, `make smoke` its copy's; `make ui` and the reuse
+# snippet (last_store) open it.
+LAST_STORE_FILE = ".mlflow-last-store"
+# Set by `make smoke` (aebench.smoke) for the stages it runs in its scratch copy: the project's
+# commit (the copy's own is meaningless), and what the smoke run shrank.
+COMMIT_ENV = "AEBENCH_GIT_COMMIT"
+SMOKE_ENV = "AEBENCH_SMOKE"
 
 
 class TrackingError(RuntimeError):
     """The MLflow tracking store cannot be used."""
+
+
+def store_file(uri: str) -> str:
+    """The file of an sqlite store (what to move, free space for, or make writable), else the
+    URI itself."""
+    return uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri
+
+
+# (words in the reason, what to do), first match wins; {file} is the store's file or URI
+_ADVICE = (
+    (("malformed", "not a database", "file is encrypted"),
+     "the store is damaged: move {file} aside (the next run starts a new store) or put back a "
+     "copy"),
+    (("disk i/o error", "disk is full", "file too large", "no space left", "quota"),
+     "check the free space and the file-size limit (`ulimit -f`) where {file} lies"),
+    (("database is locked",), "another process holds the store: try again when it is done"),
+    (("readonly database", "read-only", "permission denied"), "make {file} writable"),
+)
+
+
+def _reason(err: BaseException) -> str:
+    """The root cause in a few words: the sqlite or OS error MLflow wraps, without the SQL."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or e in seen:
+            continue
+        seen.append(e)
+        if isinstance(e, OSError) and e.strerror:
+            return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        if type(e).__module__ == "sqlite3":
+            return f"sqlite: {e}"
+        todo += [getattr(e, "orig", None), e.__cause__, e.__context__]
+    lines = [line for line in str(err).splitlines() if line.strip()
+             and not line.lstrip().startswith(("[SQL:", "[parameters:", "(Background on"))]
+    text = " ".join(lines) or type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def store_error(err: BaseException, uri: str) -> TrackingError:
+    """One line for a failure of MLflow on the store `uri`: the store, why, what to do."""
+    reason = _reason(err)
+    advice = next((todo for words, todo in _ADVICE if any(w in reason.lower() for w in words)),
+                  "fix the store, or set MLFLOW_TRACKING_URI to another one")
+    advice = advice.format(file=store_file(uri))
+    return TrackingError(f"MLflow tracking store {uri}: {reason}; {advice} (AEBENCH_DEBUG=1 for "
+                         "the traceback)")
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """MLflow calls inside the block: any failure (MLflow's, SQLAlchemy's, a file it writes) as
+    one TrackingError line (store_error). Works as a decorator too."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types for one broken store
+        import mlflow
+
+        raise store_error(err, mlflow.get_tracking_uri()) from err
+
+
+class _NoTraceback(logging.Filter):
+    """MLflow logs a database error with its traceback, then raises it: the one line that
+    store_errors makes of it says the same (tracebacks: AEBENCH_DEBUG=1 or --debug)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None or cli.debugging()
 
 
 def working_copy_root(cwd: str | Path | None = None) -> Path:
@@ -29,6 +110,42 @@ def working_copy_root(cwd: str | Path | None = None) -> Path:
 def tracking_uri(cwd: str | Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or \
         f"sqlite:///{working_copy_root(cwd) / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI; None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def record_last_store(uri: str, root: str | Path) -> Path:
+    """Name `uri` in ROOT/.mlflow-last-store as the store of the working copy's last run."""
+    from ..files import write_text
+
+    path = Path(root) / LAST_STORE_FILE
+    write_text(path, uri + "\n")
+    return path
+
+
+def last_store(cwd: str | Path | None = None) -> str:
+    """The store of this working copy's last run: $MLFLOW_TRACKING_URI when set, else the URI
+    recorded in .mlflow-last-store (by the last stage run here, or by `make smoke`: its
+    .smoke/mlflow.db), else (nothing recorded, or that store deleted since) the working copy's
+    own mlflow.db.
+
+    No sqlite store there is a TrackingError naming it: opening it would create an empty store,
+    and nothing has run there."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = working_copy_root(cwd)
+    record = root / LAST_STORE_FILE
+    candidates = [record.read_text().strip()] if record.is_file() else []
+    candidates.append(tracking_uri(root))
+    for uri in candidates:
+        path = sqlite_path(uri)
+        if path is None or path.is_file():
+            return uri
+    raise TrackingError(f"no MLflow store at {sqlite_path(candidates[-1])}: nothing has run in "
+                        f"{root} yet (run `dvc repro` or `make smoke` first)")
 
 
 @contextmanager
@@ -70,26 +187,37 @@ def open_store(cwd: str | Path | None = None) -> str:
     import mlflow
 
     uri = tracking_uri(cwd)
+    by_hand = bool(os.environ.get("MLFLOW_TRACKING_URI"))  # set_tracking_uri sets it too
     _check_reachable(uri)
     mlflow.set_tracking_uri(uri)
+    db_errors = logging.getLogger("mlflow.store.db.utils")
+    if not any(isinstance(f, _NoTraceback) for f in db_errors.filters):
+        db_errors.addFilter(_NoTraceback())
     try:
         with _quick_http_requests():
-            exp = mlflow.get_experiment_by_name(EXPERIMENT)
-            if exp is not None:
-                return exp.experiment_id
-            artifacts = None
-            if uri.startswith("sqlite:///"):
-                # Artifacts beside the database, by absolute path, whatever the cwd of a run.
-                artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
-            # MLflow 3's UI opens a "custom_model_development" experiment on its runs (rather
-            # than on the GenAI views).
-            return mlflow.create_experiment(
-                EXPERIMENT, artifact_location=artifacts,
-                tags={"mlflow.experimentKind": "custom_model_development"})
+            experiment_id = _experiment(uri)
     except Exception as err:  # noqa: BLE001 - MLflow raises many types for an unusable store
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise TrackingError(f"cannot open the MLflow tracking store {uri}: {first_line}. Set "
-                            "MLFLOW_TRACKING_URI to a store you can write to.") from None
+        raise TrackingError(f"cannot open the {store_error(err, uri)}") from err
+    if not by_hand:  # a store set by hand is not recorded (nor make smoke's: it records it)
+        record_last_store(uri, working_copy_root(cwd))
+    return experiment_id
+
+
+def _experiment(uri: str) -> str:
+    """The id of the experiment in the current store, created if missing."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None
+    if sqlite_path(uri) is not None:
+        # Artifacts beside the database, by absolute path, whatever the cwd of a run.
+        artifacts = (sqlite_path(uri).parent / "mlartifacts").as_uri()
+    # MLflow 3's UI opens a "custom_model_development" experiment on its runs (rather than on
+    # the GenAI views).
+    return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
@@ -103,9 +231,14 @@ def git_commit(cwd: str | Path | None = None) -> str:
 
 
 def common_tags() -> dict[str, str]:
-    """Tags of every run: the git commit, and the DVC experiment's name when DVC runs one."""
-    tags = {"git_commit": git_commit()}
+    """Tags of every run: the git commit (the project's, for a `make smoke` run), the DVC
+    experiment's name when DVC runs one, and `smoke` (what it shrank) for a smoke run."""
+    tags = {"git_commit": os.environ.get(COMMIT_ENV) or git_commit()}
+    if os.environ.get(COMMIT_ENV):  # MLflow's own (the UI's "Source") would be the copy's
+        tags["mlflow.source.git.commit"] = os.environ[COMMIT_ENV]
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get(SMOKE_ENV):
+        tags["smoke"] = os.environ[SMOKE_ENV]
     return tags
 

@@ -1,0 +1,75 @@
+"""`make smoke` (aebench.smoke): options checked before anything is copied or run, a failed run
+points at no summary, the scratch copy starts from no result, and its MLflow runs say which
+project commit they tried and that they are smoke runs. (The smoke run itself: `make smoke`.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aebench import smoke, tracking
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("option, value, why", [
+    ("--limit", "-5", "-5 is not allowed; use 0..1000000000"),
+    ("--epochs", "0", "0 is not allowed; use 1..100000"),
+    ("--replicas", "1000", "1000 is not allowed; use 1..100"),
+    ("--epochs", "two", "'two' is not an integer"),
+])
+def test_a_bad_option_is_a_usage_error_before_any_work(tmp_path, capsys, option, value, why):
+    with pytest.raises(SystemExit) as exit_:
+        smoke.main([str(tmp_path / "scratch"), option, value])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f"python -m aebench.smoke: error: argument {option}: {why}"
+    assert not (tmp_path / "scratch").exists()
+
+
+def test_a_failed_run_names_no_summary():
+    assert smoke.outcome(0, Path("s"), 61.2) == "smoke: done in 61 s; see s/reports/summary.md"
+    failed = smoke.outcome(1, Path("s"), 3)
+    assert failed == ("smoke: FAILED in 3 s (dvc repro exit 1; its error is above); the scratch "
+                      "copy is s") and "summary" not in failed
+
+
+def test_the_copy_leaves_out_every_output_of_the_pipeline(tmp_path):
+    smoke.copy_repo(tmp_path)
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    outputs = [out["path"] for stage in lock.values() for out in stage.get("outs", [])]
+    assert "plots/test_mse_by_epoch.csv" in outputs and "plots/curves/deep3.csv" in outputs
+    assert [path for path in outputs if (tmp_path / path).exists()] == []
+    assert not (tmp_path / "dvc.lock").exists()
+    for kept in ("dvc.yaml", "params.yaml", "aebench/smoke.py", "stages/train.py",
+                 ".dvc/plots/log_y.json"):
+        assert (tmp_path / kept).is_file(), kept
+
+
+def test_result_paths_follow_dvc_yaml(tmp_path):
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "make": {"foreach": ["a"], "do": {"cmd": "x", "outs": ["out/${key}.csv",
+                                                                {"models/${key}": {}}]}},
+        "sum": {"cmd": "y", "metrics": [{"metrics/": {"cache": False}}], "plots": ["p.csv"]}}}))
+    results = smoke.result_paths(tmp_path)
+    assert results == ["dvc.lock", "out/*.csv", "models/*", "metrics", "p.csv"]
+    assert [n for n in ("out/a.csv", "models/a/r0.pt", "metrics/a.json", "p.csv", "dvc.lock",
+                        "out.csv", "metricsx.json", "p.csv.bak") if smoke.is_result(n, results)] \
+        == ["out/a.csv", "models/a/r0.pt", "metrics/a.json", "p.csv", "dvc.lock"]
+
+
+def test_smoke_runs_carry_the_projects_commit_and_a_smoke_tag(monkeypatch):
+    env = smoke.smoke_env(Path("/tmp/scratch"), "limit=3000 epochs=1 replicas=1")
+    assert env["MLFLOW_TRACKING_URI"] == "sqlite:////tmp/scratch/mlflow.db"
+    assert env["AEBENCH_GIT_COMMIT"] == tracking.git_commit(REPO)
+    assert env["AEBENCH_SMOKE"].startswith("limit=3000 epochs=1 replicas=1")
+    # what every run of the copy's stages gets as tags
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.setenv("AEBENCH_GIT_COMMIT", env["AEBENCH_GIT_COMMIT"])
+    monkeypatch.setenv("AEBENCH_SMOKE", env["AEBENCH_SMOKE"])
+    assert tracking.common_tags() == {"git_commit": tracking.git_commit(REPO),
+                                      "mlflow.source.git.commit": tracking.git_commit(REPO),
+                                      "smoke": env["AEBENCH_SMOKE"]}
+    assert tracking.git_commit(REPO) != "unknown"
