@@ -162,6 +162,10 @@ def _work(conn, parent: int, cfg: ModelConfig, path: str, name: str) -> None:
     """A worker's life: get the data, then train each replica the parent sends, until None.
     It starts with SIGINT ignored (see Replicas._start)."""
     _die_with(parent)
+    # tqdm's default lock holds a multiprocessing semaphore, which in a spawned process is
+    # named and registered: a worker killed mid-training would leave the resource tracker
+    # warning about it on stderr. A thread lock is all one process needs.
+    tqdm.set_lock(threading.RLock())
     train_x, test_x = (torch.from_numpy(a) for a in conn.recv())
     while (task := conn.recv()) is not None:
         replica, seed = task
@@ -232,6 +236,8 @@ class Replicas:
                 device=self.device, seed=self.seeds[replica], path=self.path,
                 name=f"{self.name}-r{replica}")
         while replica not in self.done and self.failure is None:
+            if not self.busy:  # nothing could ever bring it: fail rather than wait forever
+                raise ReplicaError(f"model {self.name}-r{replica}: no worker is training it")
             self._receive()
         if replica in self.done:
             blob, history = self.done.pop(replica)

@@ -22,7 +22,7 @@ from conftest import REPO, TINY_MODELS, TRAIN_LIMIT, dvc_args, run_stage
 from test_workers import FlakyConfig, alive, flaky
 
 from aebench import constants, kinds, tracking, training, workers
-from aebench.config import ConfigError
+from aebench.config import MAX_EPOCHS, ConfigError
 
 CURVE_HEADER = ["epoch", "test_mse", "test_mse_std", "train_loss", "train_loss_std"]
 
@@ -199,7 +199,7 @@ def test_a_failing_worker_fails_its_run_and_kills_the_running_ones(project, proj
 def test_ctrl_c_stops_every_worker_and_ends_the_runs_killed(project, project_copy,
                                                             mlflow_client):
     # A real `python -m stages.train`, and SIGINT to its process group as a terminal's Ctrl-C
-    set_params(project_copy, lambda p: p["models"]["deep3"].update(epochs=10**6))
+    set_params(project_copy, lambda p: p["models"]["deep3"].update(epochs=MAX_EPOCHS))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("AEBENCH_DEBUG", None)
     proc = subprocess.Popen([sys.executable, "-m", "stages.train", *dvc_args("train", "deep3")],

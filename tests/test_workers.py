@@ -18,11 +18,12 @@ import torch
 from conftest import REPO, ToyAutoencoder
 
 from aebench import kinds, training, workers
+from aebench.config import MAX_EPOCHS
 from aebench.kinds import ModelConfig
 from aebench.losses import source_loss
 
 CPU = torch.device("cpu")
-LONG = 10**6  # epochs: a replica that trains until it is stopped
+LONG = MAX_EPOCHS  # a replica that trains until it is stopped (minutes on 64 images)
 
 
 class FlakyConfig(ModelConfig):
