@@ -47,6 +47,7 @@ class Train(Section):
     device: Literal["auto", "cuda", "mps", "cpu"]
     path: Literal["fast", "eager"]
     limit: int = Field(ge=0, le=MAX_LIMIT)
+    workers: int = Field(ge=0, le=MAX_REPLICAS)  # 0: auto (see aebench/workers.py)
 
 
 class Evaluate(Section):

@@ -163,12 +163,13 @@ class _GraphedStep:
 
 def train(model: nn.Module, cfg: ModelConfig, train_x: torch.Tensor, test_x: torch.Tensor, *,
           device: torch.device, seed: int, path: str = "fast", name: str = "model",
-          progress: bool = True) -> History:
+          progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> History:
     """Train `model` as `cfg` (one validated models.<name> entry) says; return its history.
 
     `train_x` and `test_x` are uint8 (N, 784) tensors. Each epoch records the training loss in
     the source's own scale (mean over the epoch's batches, and the last batch as seed 002
-    printed it) and the test MSE on [0,1] pixels."""
+    printed it) and the test MSE on [0,1] pixels; `on_epoch` gets each record as it is made
+    (a worker process reports its progress with it)."""
     pixels, bs = cfg.pixels, cfg.batch_size
     fast = path == "fast"
     graphed = fast and device.type == "cuda"
@@ -234,6 +235,8 @@ def train(model: nn.Module, cfg: ModelConfig, train_x: torch.Tensor, test_x: tor
         record = {"epoch": epoch, "train_loss": mean_loss, "train_loss_last_batch": last_loss,
                   "test_mse": test_mse(model, test, pixels).item()}
         history.epochs.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
         bar.set_postfix(loss=f"{mean_loss:.4g}", test_mse=f"{record['test_mse']:.4g}")
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -244,13 +247,14 @@ def train(model: nn.Module, cfg: ModelConfig, train_x: torch.Tensor, test_x: tor
 
 def train_replica(cfg: ModelConfig, train_x: torch.Tensor, test_x: torch.Tensor, *,
                   device: torch.device, seed: int, path: str = "fast", name: str = "model",
-                  progress: bool = True) -> tuple[nn.Module, History]:
+                  progress: bool = True, on_epoch: Callable[[dict], None] | None = None
+                  ) -> tuple[nn.Module, History]:
     """A fresh model of `cfg` built and trained from `seed` (weights, shuffles, dropout and
     noise all follow from it); returned on the CPU in eval mode, with its history."""
     torch.manual_seed(seed)
     model = cfg.make()
     history = train(model, cfg, train_x, test_x, device=device, seed=seed, path=path, name=name,
-                    progress=progress)
+                    progress=progress, on_epoch=on_epoch)
     return model.cpu().eval(), history
 
 

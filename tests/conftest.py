@@ -146,7 +146,8 @@ TINY_MODELS = {
                   "input_noise": 0.5, "loss": "mse", **TINY_COMMON},
 }
 TINY_PARAMS = {
-    "train": {"seed": 0, "replicas": 2, "device": "cpu", "path": "fast", "limit": TRAIN_LIMIT},
+    "train": {"seed": 0, "replicas": 2, "device": "cpu", "path": "fast", "limit": TRAIN_LIMIT,
+              "workers": 2},  # two worker processes whatever the cores: the path under test
     "evaluate": {"noise_seed": 1234},
     "models": TINY_MODELS,
 }

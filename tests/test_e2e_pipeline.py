@@ -184,24 +184,24 @@ def test_compare_pairs_the_experiment_by_seed(repos):
     assert "| paired |" in under30  # two replicas, seeds 0 and 1, on both sides
 
 
-def trainers_in(repo: Path) -> list[int]:
-    """Pids of `stages.train` processes working in `repo`."""
-    pids = subprocess.run(["pgrep", "-f", "stages.train"], capture_output=True,
-                          text=True).stdout.split()
-    alive = []
-    for pid in map(int, pids):
+def processes_in(repo: Path) -> dict[int, str]:
+    """{pid: command line} of every process working in `repo`: dvc, the stage, its workers."""
+    found = {}
+    for proc in Path("/proc").iterdir():
         try:
-            if Path(f"/proc/{pid}/cwd").resolve() == repo.resolve():
-                alive.append(pid)
-        except OSError:  # gone meanwhile
+            if proc.name.isdigit() and (proc / "cwd").resolve() == repo.resolve():
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ")\
+                    .decode()
+        except OSError:  # gone meanwhile, or not ours to see
             pass
-    return alive
+    return found
 
 
 def test_killing_dvc_repro_stops_the_trainer_and_changes_no_committed_file(repos):
     repo = repos["b"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["models"]["under30"]["epochs"] = 500  # long enough to be killed mid-training
+    params["train"]["workers"] = 2  # its two replicas in two workers, whatever the cores
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-q", "-m", "results and a long under30")
@@ -211,19 +211,35 @@ def test_killing_dvc_repro_stops_the_trainer_and_changes_no_committed_file(repos
     dvc = subprocess.Popen(["dvc", "repro", "train@under30"], cwd=repo, env=env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_training(db)
-    dvc.terminate()  # SIGTERM to dvc alone: DVC does not forward it to the stage
-    dvc.wait(timeout=30)
-    for _ in range(100):  # the trainer notices its parent is gone and stops within seconds
-        if not trainers_in(repo):
+    for _ in range(600):  # and both workers have started (their imports take seconds)
+        if len(workers_in(repo)) == 2:
             break
         time.sleep(0.1)
-    assert trainers_in(repo) == []
+    assert len(workers_in(repo)) == 2, processes_in(repo)
+    dvc.terminate()  # SIGTERM to dvc alone: DVC does not forward it to the stage
+    dvc.wait(timeout=30)
+    # the trainer notices its parent is gone and stops within seconds, its workers with it
+    assert gone(repo), processes_in(repo)
     assert sh(repo, "git", "status", "--porcelain") == ""  # no committed file changed or lost
     new = dict(db.execute("select name, status from runs order by start_time")
                .fetchall()[before:])
     assert new == {"under30": "KILLED", "under30-r0": "KILLED"}
     assert files_under(repo) == weights  # data/models is persist: DVC did not delete it first
     assert no_temporaries(repo)
+
+
+def workers_in(repo: Path) -> list[int]:
+    """Pids of the worker processes (multiprocessing's spawn) training in `repo`."""
+    return [pid for pid, cmd in processes_in(repo).items() if "spawn_main" in cmd]
+
+
+def gone(repo: Path) -> bool:
+    """Whether every process working in `repo` has ended, within 30 s."""
+    for _ in range(300):
+        if not processes_in(repo):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def wait_for_training(db: sqlite3.Connection) -> None:
@@ -258,6 +274,7 @@ def test_an_interrupted_or_failed_retrain_keeps_the_last_weights(repos):
     wait_for_training(db)
     os.killpg(dvc.pid, signal.SIGINT)
     assert dvc.wait(timeout=60) != 0
+    assert gone(repo), processes_in(repo)  # the stage's workers too
     assert files_under(repo) == weights and no_temporaries(repo)
     # a retrain that diverges (relu outputs, lr 1e6: the loss explodes at epoch 2)
     params = yaml.safe_load((repo / "params.yaml").read_text())

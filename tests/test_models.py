@@ -110,6 +110,17 @@ def test_pixel_scales_round_trip():
     assert to_unit_scale(torch.tensor([1.2]), "-1,1").item() == pytest.approx(1.1)  # no clamping
 
 
+@pytest.mark.parametrize("pixels", ["0,1", "-1,1"])
+def test_model_scale_is_the_plain_formula_bit_for_bit_and_leaves_its_input(pixels):
+    x = torch.arange(256, dtype=torch.uint8).repeat(40)  # every value, in vectorised chunks
+    plain = x.float() / 255.0
+    plain = plain * 2 - 1 if pixels == "-1,1" else plain
+    assert torch.equal(to_model_scale(x, pixels), plain)  # the committed weights depend on it
+    floats = plain.clone()
+    to_model_scale(floats, "-1,1")  # scaled in place, but a copy: the caller's is untouched
+    assert torch.equal(floats, plain)
+
+
 def test_mask_noise_drops_about_p_and_rescales_the_rest():
     x = torch.ones(100_000)
     y = mask_noise(x, 0.5, torch.Generator().manual_seed(0))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -17,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_MODELS, TRAIN_LIMIT, run_stage
+from conftest import REPO, TINY_MODELS, TRAIN_LIMIT, dvc_args, run_stage
+from test_workers import FlakyConfig, alive, flaky
 
-from aebench import constants, kinds, tracking, training
-from aebench.config import ConfigError
+from aebench import constants, kinds, tracking, training, workers
+from aebench.config import MAX_EPOCHS, ConfigError
 
 CURVE_HEADER = ["epoch", "test_mse", "test_mse_std", "train_loss", "train_loss_std"]
 
@@ -127,16 +129,18 @@ def test_a_failed_training_moves_no_alias(project_copy, mlflow_client, monkeypat
             raise training.TrainingError("model deep3-r1: diverged")
         return train_replica(*args, seed=seed, **kwargs)
 
-    monkeypatch.setattr(training, "train_replica", second_fails)
+    monkeypatch.setattr(training, "train_replica", second_fails)  # in this process:
+    set_params(project_copy, lambda p: p["train"].update(workers=1))  # no worker processes
     with pytest.raises(training.TrainingError, match="diverged"):
         run_stage("train", key="deep3")
     assert mlflow_client.get_registered_model(registered).aliases == before
     assert len(mlflow_client.search_model_versions(f"name = '{registered}'")) == versions
 
 
-def test_same_seed_gives_byte_identical_checkpoints(project, project_copy):
+def test_one_after_another_gives_the_bytes_of_two_workers(project, project_copy):
     shutil.rmtree(project_copy / "data/models/deep3")
     (project_copy / "plots/curves/deep3.csv").unlink()
+    set_params(project_copy, lambda p: p["train"].update(workers=1))  # the project used 2
     run_stage("train", key="deep3")  # the arguments of dvc.yaml
     for path in ("data/models/deep3/r0.pt", "data/models/deep3/r1.pt", "plots/curves/deep3.csv"):
         assert (project_copy / path).read_bytes() == (project.root / path).read_bytes(), path
@@ -149,7 +153,9 @@ def test_diverging_run_writes_nothing_and_its_run_fails(project, project_copy, m
     blowup = {**TINY_MODELS["deep3"], "pixels": "0,1", "code_activation": "relu",
               "output_activation": "relu",
               "optimizer": {"name": "adam", "lr": 1.0e6, "weight_decay": 0.0}}
-    set_params(project_copy, lambda p: p["models"].update(blowup=blowup))
+    # one process: both replicas diverge, and in workers whichever is seen first would fail
+    set_params(project_copy, lambda p: (p["models"].update(blowup=blowup),
+                                        p["train"].update(workers=1)))
     with pytest.raises(training.TrainingError, match=r"model blowup-r0: .* at epoch 1 .* "
                                                      r"the run diverged"):
         run_stage("train", key="blowup")
@@ -161,6 +167,88 @@ def test_diverging_run_writes_nothing_and_its_run_fails(project, project_copy, m
     (parent,) = mlflow_client.search_runs([experiment], "attributes.run_name = 'blowup'")
     (child,) = mlflow_client.search_runs([experiment], "attributes.run_name = 'blowup-r0'")
     assert parent.info.status == child.info.status == "FAILED"
+
+
+@pytest.fixture
+def flaky_kind():
+    """test_workers.FlakyConfig registered for one test; the registry restored after."""
+    saved = dict(kinds.KINDS)
+    kinds.register(FlakyConfig)
+    yield
+    kinds.KINDS.clear()
+    for cls in saved.values():
+        kinds.register(cls)
+
+
+def test_a_failing_worker_fails_its_run_and_kills_the_running_ones(project, project_copy,
+                                                                   mlflow_client, flaky_kind):
+    # replica 0 trains "forever"; replica 1's worker is SIGKILLed at its first step (as the OOM
+    # killer would): r1's run FAILED, r0's KILLED (stopped), the model's FAILED, nothing written
+    entry = flaky("sigkill").model_dump()
+    set_params(project_copy, lambda p: (p["models"].update(flaky=entry),
+                                        p["train"].update(replicas=3)))
+    with pytest.raises(workers.ReplicaError, match=r"^model flaky-r1: its worker process "
+                                                   r"\(pid \d+\) was killed by SIGKILL") as err:
+        run_stage("train", key="flaky")
+    assert "\n" not in str(err.value)
+    assert not (project_copy / "data/models/flaky").exists()
+    assert not (project_copy / "plots/curves/flaky.csv").exists()
+    assert sorted(p.name for p in (project_copy / "data/models").iterdir()) == \
+        sorted(p.name for p in (project.root / "data/models").iterdir())  # no temporary folder
+    experiment = mlflow_client.get_experiment_by_name("aebench").experiment_id
+    runs = mlflow_client.search_runs([experiment], "attributes.run_name LIKE 'flaky%'")
+    assert {r.info.run_name: r.info.status for r in runs} == \
+        {"flaky": "FAILED", "flaky-r0": "KILLED", "flaky-r1": "FAILED"}
+
+
+def test_ctrl_c_stops_every_worker_and_ends_the_runs_killed(project, project_copy,
+                                                            mlflow_client):
+    # A real `python -m stages.train`, and SIGINT to its process group as a terminal's Ctrl-C
+    set_params(project_copy, lambda p: p["models"]["deep3"].update(epochs=MAX_EPOCHS))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("AEBENCH_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train", *dvc_args("train", "deep3")],
+                            cwd=project_copy, env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    experiment = mlflow_client.get_experiment_by_name("aebench").experiment_id
+    ours = f"tags.process LIKE '%:{proc.pid}'"  # the runs this process opened
+    try:
+        for _ in range(1200):  # until both workers run and replica 0's run is open
+            kids = children(proc.pid)  # the workers, and multiprocessing's resource tracker
+            workers_ = [pid for pid, cmd in kids.items() if "spawn_main" in cmd]
+            if len(workers_) == 2 and mlflow_client.search_runs(
+                    [experiment], f"{ours} AND attributes.run_name = 'deep3-r0'"):
+                break
+            time.sleep(0.1)
+        assert len(workers_) == 2, kids
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == "interrupted: stages.train (SIGINT)", err
+    assert "Traceback" not in err  # the workers ignore Ctrl-C: the parent stops them
+    deadline = time.monotonic() + 30  # multiprocessing's tracker ends when the pipe closes
+    while any(map(alive, kids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, kids)), {pid: kids[pid] for pid in kids if alive(pid)}
+    runs = mlflow_client.search_runs([experiment], ours)
+    assert {r.info.run_name: r.info.status for r in runs} == \
+        {"deep3": "KILLED", "deep3-r0": "KILLED"}
+    assert sorted(p.name for p in (project_copy / "data/models").iterdir()) == \
+        sorted(p.name for p in (project.root / "data/models").iterdir())  # no temporary folder
+
+
+def children(pid: int) -> dict[int, str]:
+    """{pid: command line} of the processes whose parent is `pid`."""
+    kids = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                kids[int(stat.parent.name)] = cmd
+        except (OSError, ValueError, IndexError):
+            pass
+    return kids
 
 
 def test_limit_above_the_rows_is_one_line_naming_train_limit(project_copy):
