@@ -144,3 +144,12 @@ def test_training_does_not_depend_on_evaluation_or_reporting_code():
 
 def test_pca_reads_no_params():
     assert "params" not in STAGES["pca"]
+
+
+def test_training_params_are_every_train_key_but_workers():
+    # workers changes how fast replicas train, never their bytes (tests/test_workers.py), so
+    # changing it must not make every train stage stale; every other key shapes the weights.
+    from aebench.config import Train
+
+    listed = {p for p in STAGES["train"]["params"] if p.startswith("train")}
+    assert listed == {f"train.{key}" for key in Train.model_fields if key != "workers"}
