@@ -149,13 +149,19 @@ def checkpoint_bytes(model) -> bytes:
     return buffer.getvalue()
 
 
-def test_workers_give_the_bytes_and_histories_of_one_after_another():
-    cfg = kinds.validate_model("m", {
-        "kind": "mlp", "encoder": [784, 16, 4], "decoder": [4, 16, 784], "activation": "relu",
-        "code_activation": "none", "output_activation": "sigmoid", "dropout": 0.25,
-        "init": "glorot", "pixels": "0,1", "input_noise": 0.25, "loss": "bce",
-        "optimizer": {"name": "nadam", "lr": 1.0e-3, "weight_decay": 0.0}, "batch_size": 16,
-        "epochs": 2})
+MLP = {"kind": "mlp", "encoder": [784, 16, 4], "decoder": [4, 16, 784], "activation": "relu",
+       "code_activation": "none", "output_activation": "sigmoid", "dropout": 0.25,
+       "init": "glorot", "pixels": "0,1", "input_noise": 0.25, "loss": "bce",
+       "optimizer": {"name": "nadam", "lr": 1.0e-3, "weight_decay": 0.0}}
+# convolutions run oneDNN's kernels, not the matrix products' (conv16's path)
+CONV = {"kind": "conv", "channels": [1, 2, 4], "kernel": 3, "pool": 2, "activation": "relu",
+        "output_activation": "tanh", "init": "torch", "pixels": "-1,1", "input_noise": 0.0,
+        "loss": "mse", "optimizer": {"name": "adam", "lr": 1.0e-3, "weight_decay": 0.0}}
+
+
+@pytest.mark.parametrize("entry", [MLP, CONV], ids=["mlp", "conv"])
+def test_workers_give_the_bytes_and_histories_of_one_after_another(entry):
+    cfg = kinds.validate_model("m", {**entry, "batch_size": 16, "epochs": 2})
     results = {}
     for n_workers in (1, 2):
         with replicas(cfg, 3, n_workers) as pool:
