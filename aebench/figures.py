@@ -1,7 +1,8 @@
 """The comparison figures: a registry of small functions, one per PNG.
 
-Each takes the loaded `Inputs` and a path, and draws with `aebench.drawing`. Images show replica
-0 of each model; bars and curves show the mean over replicas with +- one standard deviation.
+Each takes the loaded `Inputs` and a path, and draws with `aebench.mosaics` (images) or
+`aebench.charts` (plots). Images show replica 0 of each model; bars and curves show the mean
+over replicas with +- one standard deviation.
 The digits are fixed so that two commits' figures compare: the first test image of each digit
 0..9 and the first 15 test images; the latent-space scatter uses the first LATENT_N test images;
 the denoising figure draws its noise from evaluate.noise_seed. A figure with nothing to show
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import drawing
+from . import charts, drawing, mosaics
 from .constants import N_PIXELS
 from .kinds import ModelConfig
 from .metrics import mean_std
@@ -58,7 +59,7 @@ def _unit(inp: Inputs, name: str, x: np.ndarray, **noise) -> np.ndarray:
 
 
 def _digits(inp: Inputs) -> tuple[np.ndarray, dict]:
-    idx, groups, captions = drawing.figure_digits(inp.test[0])
+    idx, groups, captions = mosaics.figure_digits(inp.test[0])
     return inp.test[1][idx], {"groups": groups, "group_captions": captions,
                               "indices": list(idx)}
 
@@ -68,7 +69,7 @@ def reconstructions(inp: Inputs, path: Path):
     x, digits = _digits(inp)
     rows = [(f"{n}\ntest MSE {inp.headline[n]['mse']['mean']:.5f}", _unit(inp, n, x))
             for n in inp.cfgs]
-    drawing.reconstructions(x / 255.0, rows, path, **digits)
+    mosaics.reconstructions(x / 255.0, rows, path, **digits)
 
 
 @figure("denoising.png")
@@ -93,7 +94,7 @@ def denoising(inp: Inputs, path: Path):
             "noisy_label": f"noisy input\ntest MSE {mean['noisy_input_mse']:.5f}",
             "output_label": f"output\ntest MSE {mean['denoise_mse']:.5f}",
             "clean_label": "clean target"})
-    drawing.denoising(blocks, path, **digits,
+    mosaics.denoising(blocks, path, **digits,
                       title="Denoising: noisy input, output, clean image\n(test MSE against the "
                             f"clean images, noise seed {inp.noise_seed})")
 
@@ -107,7 +108,7 @@ def loss_label(cfg: ModelConfig) -> str:
 
 @figure("training_curves.png")
 def training_curves(inp: Inputs, path: Path):
-    drawing.training_curves(inp.curves, path,
+    charts.training_curves(inp.curves, path,
                             loss_labels={n: loss_label(c) for n, c in inp.cfgs.items()})
 
 
@@ -126,13 +127,13 @@ def _bars(inp: Inputs) -> dict[str, dict]:
 
 @figure("test_mse.png")
 def test_mse(inp: Inputs, path: Path):
-    drawing.mse_bars(_bars(inp), path)
+    charts.mse_bars(_bars(inp), path)
 
 
 @figure("pca_curve.png")
 def pca_curve(inp: Inputs, path: Path):
     points = {n: (b["latent_dim"], b["mse"]) for n, b in _bars(inp).items()}
-    drawing.pca_curve(inp.pca_curve["components"], inp.pca_curve["test_mse"], points, path)
+    charts.pca_curve(inp.pca_curve["components"], inp.pca_curve["test_mse"], points, path)
 
 
 def first_layer(model: nn.Module) -> np.ndarray | None:
@@ -149,7 +150,7 @@ def encoder_weights(inp: Inputs, path: Path):
     if not weights:
         return drawing.placeholder(path, "Encoder weights",
                                    "No model in params.yaml starts with a fully connected layer.")
-    drawing.encoder_weights(weights, path)
+    mosaics.encoder_weights(weights, path)
 
 
 @figure("latent_space.png")
@@ -161,10 +162,10 @@ def latent_space(inp: Inputs, path: Path):
         for n, net in inp.nets.items():
             codes = net.encode(to_model_scale(torch.from_numpy(pixels[:n_codes]),
                                               inp.cfgs[n].pixels))
-            xy, explained = drawing.pca_2d(codes.numpy())
+            xy, explained = charts.pca_2d(codes.numpy())
             embeddings[n] = {"xy": xy, "labels": labels[:n_codes], "explained": explained,
                              "latent_dim": net.latent_dim}
-    drawing.latent_space(embeddings, path, subtitle=f"first {n_codes} test images, replica 0 "
+    charts.latent_space(embeddings, path, subtitle=f"first {n_codes} test images, replica 0 "
                                                     "of each model, codes in eval mode")
 
 
@@ -183,7 +184,7 @@ def image_7777(inp: Inputs, path: Path):
     if i != TRAIN_IMAGE:
         title += (f"\n(image {TRAIN_IMAGE} not available: the training set has {len(pixels)} "
                   "images; the last one is shown)")
-    drawing.image_before_after(pixels[i] / 255.0, afters, path, title=title)
+    mosaics.image_before_after(pixels[i] / 255.0, afters, path, title=title)
 
 
 def overlay_rows(curves: dict[str, dict[str, np.ndarray]]) -> list[dict]:

@@ -25,7 +25,18 @@ import yaml
 from conftest import REPO, STALE_MODEL, dvc_args, run_stage
 from PIL import Image
 
-from aebench import config, constants, data, drawing, figures, files, kinds, metric_files, models
+from aebench import (
+    charts,
+    config,
+    constants,
+    data,
+    figures,
+    files,
+    kinds,
+    metric_files,
+    models,
+    mosaics,
+)
 
 EVERY_PNG = set(figures.FIGURES)
 VOLATILE = ("Software", "Creation Time", "date:create", "date:modify", "Date")
@@ -235,11 +246,11 @@ def test_shown_noisy_input_is_the_one_the_model_denoised(inputs):
 
 def test_figure_digits_first_of_each_digit_then_first_15():
     labels = np.array([3, 1, 3, 0, 2, 9, 5, 4, 6, 7, 8, 1, 2, 0, 5, 6, 7])
-    idx, groups, captions = drawing.figure_digits(labels)
+    idx, groups, captions = mosaics.figure_digits(labels)
     assert list(idx[:10]) == [3, 1, 4, 0, 7, 6, 8, 9, 10, 5]
     assert list(idx[10:]) == list(range(15)) and groups == [10, 15]
     assert "each digit 0-9" in captions[0] and "first 15" in captions[1]
-    idx, groups, _ = drawing.figure_digits(np.array([1, 1, 4]))
+    idx, groups, _ = mosaics.figure_digits(np.array([1, 1, 4]))
     assert list(idx) == [0, 2, 0, 1, 2] and groups == [2, 3]
 
 
@@ -247,8 +258,8 @@ def test_figure_digits_first_of_each_digit_then_first_15():
 def test_pca_2d_matches_svd_and_is_deterministic(dims):
     rng = np.random.default_rng(dims)
     codes = rng.standard_normal((300, dims)) * np.geomspace(3, 0.01, dims)
-    xy, ratio = drawing.pca_2d(codes)
-    xy2, ratio2 = drawing.pca_2d(codes.copy())
+    xy, ratio = charts.pca_2d(codes)
+    xy2, ratio2 = charts.pca_2d(codes.copy())
     assert xy.shape == (300, 2) and np.array_equal(xy, xy2) and np.array_equal(ratio, ratio2)
     centred = codes - codes.mean(axis=0)
     s = np.linalg.svd(centred, compute_uv=False)

@@ -102,7 +102,7 @@ def test_plots_show_writes_an_offline_page_with_one_overlay_of_every_curve(tmp_p
 
 
 def test_log_y_template_colours_ticks_and_floor():
-    from aebench.drawing import PCA_FLOOR
+    from aebench.charts import PCA_FLOOR
 
     template = json.loads((ROOT / ".dvc/plots/log_y.json").read_text())
     encoding = template["encoding"]
