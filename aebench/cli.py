@@ -1,7 +1,7 @@
 """The one entry point of every stage: arguments, one-line errors, signals, parent death.
 
-    if __name__ == "__main__":  # main(args) gets args.models_json ... (str), raises on error
-        cli.run(main, "python -m stages.report MODELS_JSON PCA_JSON FIGURES_DIR REPORT_MD", __doc__)
+    if __name__ == "__main__":  # main(args) gets args.csv_dir, args.curve_csv; raises on error
+        cli.run(main, "python -m stages.pca CSV_DIR CURVE_CSV", __doc__)
 
 Exits 0 done, 1 error (one line; AEBENCH_DEBUG=1 or --debug: the traceback), 2 usage, 128 + N
 on signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP) once `finally` and `with` cleanup has run."""
