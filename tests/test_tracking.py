@@ -178,7 +178,8 @@ def test_training_is_one_parent_run_with_one_child_per_replica(store, trained):
     # and the final test MSE and its std, at the CSV's 6 digits, as one value at step 0: the
     # chart view draws a bar chart of them, in the section "final", before the curves
     assert parent.data.metrics == {**{k: v for k, v in CURVE[-1].items() if k != "epoch"},
-                                   "final/test_mse": 0.166667, "final/test_mse_std": 0.03}
+                                   "final/test_mse": 0.166667, "final/test_mse_std": 0.03,
+                                   "final/sse_per_image": 130.667}  # 784 x 0.166667
     for key in ("test_mse", "test_mse_std", "train_loss", "train_loss_std"):
         history = client.get_metric_history(trained["parent"], key)
         assert [(m.step, m.value) for m in history] == [(r["epoch"], r[key]) for r in CURVE]

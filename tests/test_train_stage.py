@@ -105,6 +105,8 @@ def test_training_is_recorded_in_mlflow(project, mlflow_client):
         for key in ("test_mse", "test_mse_std"):
             (final,) = mlflow_client.get_metric_history(parent.info.run_id, f"final/{key}")
             assert (final.step, final.value) == (0, float(rows[-1][key]))
+        (sse,) = mlflow_client.get_metric_history(parent.info.run_id, "final/sse_per_image")
+        assert sse.value == pytest.approx(784 * float(rows[-1]["test_mse"]), rel=1e-5)
 
 
 def test_each_replica_is_a_version_with_an_alias(project, mlflow_client):
