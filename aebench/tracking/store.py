@@ -28,12 +28,6 @@ class TrackingError(RuntimeError):
     """The MLflow tracking store cannot be used."""
 
 
-def store_file(uri: str) -> str:
-    """The file of an sqlite store (what to move, free space for, or make writable), else the
-    URI itself."""
-    return uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri
-
-
 # (words in the reason, what to do), first match wins; {file} is the store's file or URI
 _ADVICE = (
     (("malformed", "not a database", "file is encrypted"),
@@ -71,7 +65,7 @@ def store_error(err: BaseException, uri: str) -> TrackingError:
     reason = _reason(err)
     advice = next((todo for words, todo in _ADVICE if any(w in reason.lower() for w in words)),
                   "fix the store, or set MLFLOW_TRACKING_URI to another one")
-    advice = advice.format(file=store_file(uri))
+    advice = advice.format(file=sqlite_path(uri) or uri)  # the file to move, free, unlock
     return TrackingError(f"MLflow tracking store {uri}: {reason}; {advice} (AEBENCH_DEBUG=1 for "
                          "the traceback)")
 
@@ -211,9 +205,9 @@ def _experiment(uri: str) -> str:
     if exp is not None:
         return exp.experiment_id
     artifacts = None
-    if sqlite_path(uri) is not None:
+    if (db := sqlite_path(uri)) is not None:
         # Artifacts beside the database, by absolute path, whatever the cwd of a run.
-        artifacts = (sqlite_path(uri).parent / "mlartifacts").as_uri()
+        artifacts = (db.parent / "mlartifacts").as_uri()
     # MLflow 3's UI opens a "custom_model_development" experiment on its runs (rather than on
     # the GenAI views).
     return mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts,
