@@ -33,6 +33,7 @@ def _name_and_parent(pid: int) -> tuple[str, int] | None:
         return None
 
 
+PARENT_WATCHED = False  # set by aebench.warm in a stage it forked: it watches its client instead
 _PARENT = os.getppid()  # at import, as early as a stage can: a later death is seen as a change
 _PARENT_PROC = _name_and_parent(_PARENT)
 
@@ -158,7 +159,7 @@ def run(main, usage: str, doc: str | None = None, argv: list[str] | None = None)
         if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's choice is respected
             signal.signal(signum, _on_signal)
     try:
-        if "DVC_STAGE" in os.environ:  # set by DVC for every stage command it runs
+        if "DVC_STAGE" in os.environ and not PARENT_WATCHED:  # DVC sets it for every stage
             watch_parent()
         code = main(args)
     except (KeyboardInterrupt, Exception) as err:

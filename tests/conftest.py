@@ -164,8 +164,8 @@ def dvc_args(stage: str, key: str | None = None) -> list[str]:
     if key is not None:
         cmd = cmd.replace("${key}", key)
     words = cmd.split()
-    assert words[:3] == ["python", "-m", f"stages.{stage}"], cmd
-    return words[3:]
+    assert words[:4] == ["python", "-m", "aebench.warm", f"stages.{stage}"], cmd
+    return words[4:]
 
 
 def run_stage(stage: str, *argv: str | Path, key: str | None = None) -> None:
