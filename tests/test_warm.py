@@ -136,7 +136,7 @@ def test_a_warm_stage_sees_what_python_m_would_show_it(toy, tmp_path):
     for on in (False, True):
         proc = run(toy, "stages.toy", "report", str(tmp_path / "r.json"), warm_on=on,
                    DVC_TOY="x")
-        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "to stdout\n", "")
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "to stdout\n", ""), proc.stderr
         seen[on] = json.loads((tmp_path / "r.json").read_text())
     assert seen[True].pop("warm") and not seen[False].pop("warm")  # torch came with the fork
     assert seen[True].pop("pid") != seen[False].pop("pid")
@@ -178,6 +178,22 @@ def test_a_killed_command_stops_its_warm_stage(toy, tmp_path):
     proc.wait()
     wait_for(lambda: not alive(stage), 10)
     assert (tmp_path / "pid.cleaned").exists()  # SIGTERM, handled as a stage's `finally` is
+
+
+def test_a_stage_whose_server_is_killed_still_ends_as_it_should(tmp_path):
+    root = toy_root(tmp_path / "killed")
+    assert run(root, "--start", warm_on=True).returncode == 0
+    server = servers()[key_of(root)]
+    out = tmp_path / "pid"
+    proc = subprocess.Popen(command("stages.toy", "sleep", str(out)), cwd=root, env=env(True),
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(out.exists, 30)
+    os.kill(server, signal.SIGKILL)
+    wait_for(lambda: not alive(server), 10)
+    proc.send_signal(signal.SIGINT)  # forwarded to the stage, which tells its code itself
+    _, err = proc.communicate(timeout=30)
+    assert (proc.returncode, err.strip()) == (130, "interrupted: stages.toy (SIGINT)")
+    assert (tmp_path / "pid.cleaned").exists()
 
 
 def test_an_edit_is_never_served_by_the_old_imports(toy, tmp_path):

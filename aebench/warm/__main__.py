@@ -14,8 +14,8 @@ from .server import become, run_forked, serve
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--serve"]:
         if (served := serve(argv[1], *map(int, argv[2:3]))) is not None:  # in the forked child only
-            become(*served)
-            run_forked(sys.argv[0])
+            conn = become(*served)  # sets sys.argv
+            run_forked(sys.argv[0], conn)
         return
     if argv == ["--start"]:
         sys.exit(0 if available() and start(os.getcwd()) else "aebench.warm: no server started")

@@ -81,10 +81,10 @@ def run_warm(module: str, args: list[str]) -> int | None:
                 cli.watch_parent()
             except cli.Interrupted:  # it died before we could watch it
                 os.kill(pid, signal.SIGTERM)
-        reply = sock.recv(STATUS.size)
-    if not reply:
-        print(f"error: the warm stage server died while {module} ran (AEBENCH_WARM=0 runs "
-              "stages without it)", file=sys.stderr)
+        reply = sock.recv(STATUS.size)  # from the stage as it exits, or the server (a signal)
+    if not reply:  # neither could say: the stage was killed while its server was gone
+        print(f"error: {module} (pid {pid}) ended, and its warm server is gone: its exit code "
+              "is lost (AEBENCH_WARM=0 runs stages without a server)", file=sys.stderr)
         return 1
     return STATUS.unpack(reply)[0]
 

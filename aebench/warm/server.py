@@ -122,8 +122,9 @@ def tell(key: str, cold: int) -> None:
         os.close(pidfd)
 
 
-def become(conn: socket.socket, request: dict, fds: list[int]) -> None:
-    """Turn the forked child into the process the client would have started."""
+def become(conn: socket.socket, request: dict, fds: list[int]) -> socket.socket:
+    """Turn the forked child into the process the client would have started; its connection
+    to the client."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -145,20 +146,27 @@ def become(conn: socket.socket, request: dict, fds: list[int]) -> None:
     from .. import cli
 
     cli.PARENT_WATCHED = True  # the thread above takes the place of cli.watch_parent
+    return conn
 
 
-def run_forked(module: str) -> None:
+def run_forked(module: str, conn: socket.socket) -> None:
     """Run the stage as the interpreter runs a main module, but end the process once the exit
-    handlers have run. Tearing down an interpreter that holds every stage's modules (torch,
-    MLflow, matplotlib) took 0.6 s even with `gc.freeze`, and only frees memory: threads are
-    joined and exit handlers run (MLflow's, logging's) as in any exit, the streams flushed; the
-    stages close every file they write before they return (`with`, atomic renames)."""
+    handlers have run, telling the command its exit code (the server tells it only of a death
+    by signal, and if the server itself died meanwhile, the code still arrives). Tearing down
+    an interpreter that holds every stage's modules (torch, MLflow, matplotlib) took 0.6 s even
+    with `gc.freeze`, and only frees memory: threads are joined and exit handlers run (MLflow's,
+    logging's) as in any exit, the streams flushed; the stages close every file they write
+    before they return (`with`, atomic renames)."""
     code = 0
 
     def end() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # too late to act on
+            signal.signal(signum, signal.SIG_IGN)  # (the client ends when told the code)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
+        with contextlib.suppress(OSError):
+            conn.send(STATUS.pack(code))
         exit_as(code, now=True)
 
     atexit.register(end)  # first, so it runs last
