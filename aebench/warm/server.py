@@ -28,10 +28,11 @@ def preload() -> None:
     for name in [m for m in sys.modules if m.startswith("stages.")]:
         del sys.modules[name]
     # What the stages import on first use: MLflow and its sqlite store; torch's compiler,
-    # which the first optimizer of a process imports
-    import mlflow.data
-    import mlflow.pytorch
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    # which the first optimizer of a process imports. Missing, the stages fail as they would.
+    with contextlib.suppress(ImportError):
+        import mlflow.data
+        import mlflow.pytorch
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     import torch
 
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
