@@ -61,6 +61,7 @@ class Variant:
     label: str
     tree: Path
     server: bool = False
+    cold: bool = False  # AEBENCH_WARM=0: a tree with aebench.warm runs each stage on its own
     project: Path | None = None
     env: dict = field(default_factory=dict)
     server_proc: subprocess.Popen | None = None
@@ -85,6 +86,11 @@ def stage_commands(project: Path) -> list[tuple[str, list[str]]]:
     return [(name, argv[2:]) for name, argv in out]
 
 
+def is_warm(argv: list[str]) -> bool:
+    """Whether the command goes through aebench.warm (`python -m aebench.warm stages.X ...`)."""
+    return argv[0] == "aebench.warm"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,7 +110,10 @@ def prepare(v: Variant, work: Path, csv_dir: Path, limit: int, epochs: int, repl
                     str(replicas)], cwd=v.tree, check=True, env=base_env)
     (v.project / "data").mkdir(exist_ok=True)
     (v.project / "data" / "csv").symlink_to(csv_dir.resolve())
-    v.env = dict(base_env)
+    shutil.copy(PROBE, v.project / PROBE.name)  # importable there, for aebench.warm to run
+    v.env = {**base_env, "STAGE_PROBE_OUT": str(v.project / ".probe.json")}
+    if v.cold:
+        v.env["AEBENCH_WARM"] = "0"
     if v.server:
         port = free_port()
         v.server_proc = subprocess.Popen(
@@ -126,25 +135,38 @@ def prepare(v: Variant, work: Path, csv_dir: Path, limit: int, epochs: int, repl
 
 
 def probe(v: Variant, stage: str, argv: list[str]) -> dict:
-    out = v.project / ".probe.json"
+    """One run of the stage under the probe, as its dvc.yaml command runs it: `python -m
+    stages.X` under benchmarks/stage_probe.py, or through aebench.warm (the probe is then the
+    module the server's fork runs; the server is started, untimed, before)."""
+    out = Path(v.env["STAGE_PROBE_OUT"])
     out.unlink(missing_ok=True)
+    warm = is_warm(argv)
+    if warm:
+        cmd = [sys.executable, "-m", "aebench.warm", PROBE.stem, *argv[1:]]
+        if not v.cold:
+            subprocess.run([sys.executable, "-m", "aebench.warm", "--start"], cwd=v.project,
+                           env=v.env, check=True, stdout=subprocess.DEVNULL)
+    else:
+        cmd = [sys.executable, str(PROBE), *argv]
     load = os.getloadavg()[0]
     cpu_before, start = children_cpu(), time.monotonic()
-    proc = subprocess.run([sys.executable, str(PROBE), *argv], cwd=v.project,
-                          env={**v.env, "STAGE_PROBE_OUT": str(out)}, stdin=subprocess.DEVNULL,
+    proc = subprocess.run(cmd, cwd=v.project, env=v.env, stdin=subprocess.DEVNULL,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     end, cpu_total = time.monotonic(), children_cpu() - cpu_before
     if proc.returncode:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise SystemExit(f"{v.label}: {stage}: exit {proc.returncode}: {tail}")
     rec = json.loads(out.read_text())
+    forked = warm and not v.cold  # its CPU is the server's child's, not ours: add it
+    if forked:
+        cpu_total += rec["cpu_handlers_done"]
     parts = {**rec["parts"], "startup": rec["start"] - start,
              "at_exit": rec["handlers_done"] - rec["end"], "teardown": end - rec["handlers_done"]}
     cpu = {**rec["cpu"], "startup": rec["cpu_start"],
            "at_exit": rec["cpu_handlers_done"] - rec["cpu_end"],
            "teardown": cpu_total - rec["cpu_handlers_done"]}
     return {"variant": v.label, "stage": stage, "wall": end - start, "load_1min": load,
-            "cpu_total": round(cpu_total, 4),
+            "forked": forked, "cpu_total": round(cpu_total, 4),
             "parts": {p: round(parts.get(p, 0.0), 4) for p in PARTS},
             "cpu": {p: round(cpu.get(p, 0.0), 4) for p in PARTS},
             "imports": {k: round(t, 4) for k, t in sorted(rec["imports"].items(),
@@ -227,8 +249,11 @@ def smoke(variants: list[Variant], work: Path, n: int, env: dict, rows: list, sa
         for v in (v for v in variants if not v.server):
             copy = work / f"smoke-{v.label}"
             load = os.getloadavg()[0]
-            wall = timed_run([sys.executable, "-m", "aebench.smoke", str(copy)], v.tree, env)
-            exp = timed_run(EXPERIMENT, copy, env)
+            run_env = {**env, "AEBENCH_WARM": "0"} if v.cold else env
+            wall = timed_run([sys.executable, "-m", "aebench.smoke", str(copy)], v.tree, run_env)
+            # not the smoke run's warm server: that one has the smoke's environment (its own
+            # MLflow store), so the experiment's first stage starts cold, as a later one would
+            exp = timed_run(EXPERIMENT, copy, run_env)
             rows.append({"variant": v.label, "repeat": i, "smoke_s": round(wall, 2),
                          "experiment_s": round(exp, 2), "load_1min": load})
             print(f"smoke {v.label}: {wall:.1f} s; one-model experiment {exp:.1f} s "
@@ -248,6 +273,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("csv_dir", type=Path)
     ap.add_argument("--tree", action="append", default=[], metavar="LABEL=DIR")
+    ap.add_argument("--cold", action="append", default=[], metavar="LABEL=DIR",
+                    help="a tree with AEBENCH_WARM=0: each stage in a process of its own")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stages", default="*", help="comma-separated globs (train@*,evaluate)")
     ap.add_argument("--limit", type=int, default=3000)
@@ -262,6 +289,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"{args.csv_dir}: no mnist_train.csv (run `dvc repro convert`)")
     trees = [t.split("=", 1) for t in args.tree] or [["this", str(ROOT)]]
     variants = [Variant(label, Path(tree).resolve()) for label, tree in trees]
+    variants += [Variant(label, Path(tree).resolve(), cold=True)
+                 for label, tree in (t.split("=", 1) for t in args.cold)]
     if args.server:
         variants += [Variant(f"{v.label}+server", v.tree, server=True) for v in variants]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -275,7 +304,7 @@ def main(argv=None) -> None:
               "limit": args.limit, "epochs": args.epochs, "replicas": args.replicas,
               "repeats": args.repeats, "loadavg_before_after": [os.getloadavg()],
               "variants": [{"label": v.label, "tree": str(v.tree), "commit": commit_of(v.tree),
-                            "server": v.server} for v in variants],
+                            "server": v.server, "cold": v.cold} for v in variants],
               "summary": {}, "smoke": [], "runs": []}
 
     def save() -> None:  # after each part, so that a later failure loses nothing measured

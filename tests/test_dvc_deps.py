@@ -85,7 +85,7 @@ def code_deps_needed(script: str) -> set[str]:
 
 
 def script_of(stage: dict) -> str:
-    match = re.search(r"python -m stages\.(\w+)", stage["cmd"])
+    match = re.search(r"python -m aebench\.warm stages\.(\w+)", stage["cmd"])
     assert match, f"dvc.yaml: cmd {stage['cmd']!r} does not run a stages/ module"
     return f"stages/{match.group(1)}.py"
 

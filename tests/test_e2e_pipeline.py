@@ -33,10 +33,11 @@ OUTPUTS = ("dvc.lock", "data/models", "metrics", "plots/curves", "plots/pca_curv
            "plots/figures", "plots/test_mse_by_epoch.csv", "reports")
 
 
-def env() -> dict[str, str]:
+def env(warm: bool = True) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MNIST_MIRROR")}
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # `python` in dvc.yaml is this venv's
     env["OMP_NUM_THREADS"] = "1"  # two pipelines side by side on two cores; tiny models
+    env["AEBENCH_WARM"] = "1" if warm else "0"  # stages forked from a warm server, or not
     return env
 
 
@@ -69,10 +70,12 @@ def files_under(root: Path) -> dict[str, bytes]:
     return out
 
 
-def side_by_side(*commands: tuple[Path, list[str]]) -> list[str]:
-    """Run each (folder, command) at once (the machine has two cores); their outputs."""
-    runs = [subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True) for cwd, cmd in commands]
+def side_by_side(*commands: tuple[Path, list[str]], warm=(True, True)) -> list[str]:
+    """Run each (folder, command) at once (the machine has two cores), warm or not (as
+    `warm` says, in the same order); their outputs."""
+    runs = [subprocess.Popen(cmd, cwd=cwd, env=env(on), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+            for (cwd, cmd), on in zip(commands, warm, strict=True)]
     outs = [run.communicate(timeout=900)[0] for run in runs]
     for run, out in zip(runs, outs, strict=True):
         assert run.returncode == 0, out
@@ -81,11 +84,12 @@ def side_by_side(*commands: tuple[Path, list[str]]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory) -> dict:
-    """Two copies with the pipeline run once each, side by side; their outputs are saved; then,
-    again side by side, an experiment with one param changed in the first and a plain
-    `dvc repro` (nothing changed) in the second."""
+    """Two copies with the pipeline run once each, side by side, the first with its stages
+    forked from a warm server (aebench.warm), the second each in a process of its own
+    (AEBENCH_WARM=0); their outputs are saved; then, again side by side, an experiment with
+    one param changed in the first and a plain `dvc repro` (nothing changed) in the second."""
     a, b = (prepare(tmp_path_factory.mktemp(n)) for n in ("a", "b"))
-    side_by_side((a, ["dvc", "repro"]), (b, ["dvc", "repro"]))
+    side_by_side((a, ["dvc", "repro"]), (b, ["dvc", "repro"]), warm=(True, False))
     sh(a, "git", "add", "-A")
     sh(a, "git", "commit", "-q", "-m", "baseline")
     outputs = (files_under(a), files_under(b))
@@ -150,8 +154,8 @@ def test_every_model_is_trained_evaluated_and_recorded(repos):
     assert (repo / ".mlflow-last-store").read_text() == f"sqlite:///{repo}/mlflow.db\n"
 
 
-def test_two_folders_give_the_same_bytes(repos):
-    a, b = repos["outputs"]
+def test_two_folders_warm_and_cold_give_the_same_bytes(repos):
+    a, b = repos["outputs"]  # a's stages forked from a warm server, b's each its own process
     assert len(a) >= 19 and sorted(a) == sorted(b)  # lock, 3 weights, 2+2+1 csv/json, 8 PNG, 2
     different = [name for name in a if a[name] != b[name]]
     assert different == []
@@ -185,7 +189,8 @@ def test_compare_pairs_the_experiment_by_seed(repos):
 
 
 def processes_in(repo: Path) -> dict[int, str]:
-    """{pid: command line} of every process working in `repo`: dvc, the stage, its workers."""
+    """{pid: command line} of every process working in `repo`: dvc, the stage's command, the
+    stage (forked from a warm server, it has the server's command line) and its workers."""
     found = {}
     for proc in Path("/proc").iterdir():
         try:
@@ -208,9 +213,11 @@ def test_killing_dvc_repro_stops_the_trainer_and_changes_no_committed_file(repos
     db = sqlite3.connect(repo / "mlflow.db")
     before = db.execute("select count(*) from runs").fetchone()[0]
     weights = files_under(repo)
+    sh(repo, "python", "-m", "aebench.warm", "--start")  # the stage runs in the server's fork
     dvc = subprocess.Popen(["dvc", "repro", "train@under30"], cwd=repo, env=env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_training(db)
+    assert any("aebench.warm --serve" in cmd for cmd in processes_in(repo).values())
     for _ in range(600):  # and both workers have started (their imports take seconds)
         if len(workers_in(repo)) == 2:
             break
@@ -267,11 +274,13 @@ def test_an_interrupted_or_failed_retrain_keeps_the_last_weights(repos):
     repo = repos["b"]  # under30 at 500 epochs: its trainer runs long enough to be interrupted
     weights = files_under(repo)
     db = sqlite3.connect(repo / "mlflow.db")
-    # Ctrl-C in the terminal: SIGINT to DVC and the stage, their whole process group
+    sh(repo, "python", "-m", "aebench.warm", "--start")  # the stage runs in the server's fork
+    # Ctrl-C in the terminal: SIGINT to DVC and the stage's command, their process group
     dvc = subprocess.Popen(["dvc", "repro", "train@under30"], cwd=repo, env=env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     wait_for_training(db)
+    assert any("aebench.warm --serve" in cmd for cmd in processes_in(repo).values())
     os.killpg(dvc.pid, signal.SIGINT)
     assert dvc.wait(timeout=60) != 0
     assert gone(repo), processes_in(repo)  # the stage's workers too

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import store_folder
 from torch import nn
 
 from aebench import cli, tracking
@@ -119,6 +121,18 @@ def test_open_store_reuses_its_experiment(store):
     assert exp.name == "aebench"
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert exp.artifact_location == (folder / "mlartifacts").as_uri()
+
+
+def test_a_new_store_is_created_without_a_word_unless_debugging():
+    code = "from aebench import tracking; tracking.open_store()"
+    said = {}
+    for debug in ("0", "1"):
+        with store_folder() as folder:
+            env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db",
+                   "AEBENCH_DEBUG": debug}
+            said[debug] = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                                         capture_output=True, text=True).stderr
+    assert said["0"] == "" and "Creating initial MLflow database tables" in said["1"]
 
 
 def free_port() -> int:

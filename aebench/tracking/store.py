@@ -84,12 +84,13 @@ def store_errors() -> Iterator[None]:
         raise store_error(err, mlflow.get_tracking_uri()) from err
 
 
-class _NoTraceback(logging.Filter):
+class _Quiet(logging.Filter):
     """MLflow logs a database error with its traceback, then raises it: the one line that
-    store_errors makes of it says the same (tracebacks: AEBENCH_DEBUG=1 or --debug)."""
+    store_errors makes of it says the same (tracebacks: AEBENCH_DEBUG=1 or --debug). It also
+    logs, at INFO, that it creates the tables of a new store: not a stage's news."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.exc_info is None or cli.debugging()
+        return (record.exc_info is None and record.levelno > logging.INFO) or cli.debugging()
 
 
 def working_copy_root(cwd: str | Path | None = None) -> Path:
@@ -185,8 +186,8 @@ def open_store(cwd: str | Path | None = None) -> str:
     _check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     db_errors = logging.getLogger("mlflow.store.db.utils")
-    if not any(isinstance(f, _NoTraceback) for f in db_errors.filters):
-        db_errors.addFilter(_NoTraceback())
+    if not any(isinstance(f, _Quiet) for f in db_errors.filters):
+        db_errors.addFilter(_Quiet())
     try:
         with _quick_http_requests():
             experiment_id = _experiment(uri)

@@ -1,0 +1,32 @@
+"""python -m aebench.warm MODULE [ARGS...] | --start (see aebench/warm/__init__.py)."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+from . import available
+from .client import exit_as, run_warm, start
+from .server import become, run_forked, serve
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--serve"]:
+        if (served := serve(argv[1], *map(int, argv[2:3]))) is not None:  # in the forked child only
+            conn = become(*served)  # sets sys.argv
+            run_forked(sys.argv[0], conn)
+        return
+    if argv == ["--start"]:
+        sys.exit(0 if available() and start(os.getcwd()) else "aebench.warm: no server started")
+    if not argv or argv[0].startswith("-"):
+        sys.exit("usage: python -m aebench.warm MODULE [ARGS...] | --start")
+    module, args = argv[0], argv[1:]
+    if available() and (code := run_warm(module, args)) is not None:
+        exit_as(code)
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,101 @@
+"""The command's side: hand the stage to the server and stand in for it until it ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from . import STATUS, address, fingerprint
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def connect(key: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.connect(address(key))
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+def start_server(key: str, cwd: str, cold: int | None = None) -> subprocess.Popen:
+    """Start a server in the background, in its own session (it outlives this process); it
+    stays up at least until the stage `cold` (this process, running cold) has ended."""
+    cold_arg = [str(cold)] if cold else []
+    return subprocess.Popen([sys.executable, "-m", "aebench.warm", "--serve", key, *cold_arg],
+                            cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def start(cwd: str, timeout: float = 120.0) -> bool:
+    """Start this folder's server unless one runs, and wait until it serves (for benchmarks and
+    tests); whether it does."""
+    key = fingerprint(cwd)
+    deadline = time.monotonic() + timeout
+    server = None
+    while (sock := connect(key)) is None:
+        server = server or start_server(key, cwd)
+        if server.poll() or time.monotonic() > deadline:  # it failed, or is too slow
+            return False
+        time.sleep(0.05)  # exit 0: another server is importing; wait for that one
+    sock.close()
+    return True
+
+
+def run_warm(module: str, args: list[str]) -> int | None:
+    """Run the stage in a fork of the server; its exit code, or None if no server took it."""
+    cwd = os.getcwd()
+    key = fingerprint(cwd)
+    sock = connect(key)
+    if sock is None:  # none, or still importing: this stage runs cold, alongside its imports
+        start_server(key, cwd, cold=os.getpid())
+        return None
+    with sock:
+        request = {"module": module, "args": args, "cwd": cwd, "env": dict(os.environ)}
+        # Held until the stage's pid is known, then forwarded to it
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        try:
+            socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2])
+            reply = sock.recv(STATUS.size)
+        except OSError:
+            reply = b""
+        if not reply:  # it died or exited before forking: nothing ran
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+            return None
+        (pid,) = STATUS.unpack(reply)
+        for signum in FORWARDED:
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, lambda n, _frame: os.kill(pid, n))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+        if "DVC_STAGE" in os.environ:  # DVC gone: SIGTERM to us, forwarded, as in a cold stage
+            from .. import cli
+
+            try:
+                cli.watch_parent()
+            except cli.Interrupted:  # it died before we could watch it
+                os.kill(pid, signal.SIGTERM)
+        reply = sock.recv(STATUS.size)  # from the stage as it exits, or the server (a signal)
+    if not reply:  # neither could say: the stage was killed while its server was gone
+        print(f"error: {module} (pid {pid}) ended, and its warm server is gone: its exit code "
+              "is lost (AEBENCH_WARM=0 runs stages without a server)", file=sys.stderr)
+        return 1
+    return STATUS.unpack(reply)[0]
+
+
+def exit_as(code: int, *, now: bool = False) -> None:
+    """Exit with `code` (-N: by signal N, so that the caller sees the same); `now`: at once."""
+    if code < 0:
+        if -code != signal.SIGKILL:  # whose action cannot be changed
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        code = 128 - code
+    if now:
+        os._exit(code)
+    sys.exit(code)

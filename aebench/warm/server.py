@@ -1,0 +1,184 @@
+"""The server's side: import once, then fork a fresh process for each stage."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib
+import json
+import os
+import runpy
+import select
+import selectors
+import signal
+import socket
+import sys
+import threading
+
+from . import STATUS, address, idle_seconds, stage_folder
+from .client import connect, exit_as
+
+
+def preload() -> None:
+    """Import what the stages import, then forget the stage modules (runpy runs them anew)."""
+    folder = stage_folder()
+    for path in sorted(folder.glob("[!_]*.py")) if folder else []:
+        with contextlib.suppress(Exception):  # a stage that cannot import says so when run
+            importlib.import_module(f"stages.{path.stem}")
+    for name in [m for m in sys.modules if m.startswith("stages.")]:
+        del sys.modules[name]
+    # What the stages import on first use: MLflow and its sqlite store; torch's compiler,
+    # which the first optimizer of a process imports. Missing, the stages fail as they would.
+    with contextlib.suppress(ImportError):
+        import mlflow.data
+        import mlflow.pytorch
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import torch
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
+def serve(key: str, cold: int | None = None) -> tuple[socket.socket, dict, list[int]] | None:
+    """Serve stages until idle; returns None in the server, the request in a forked child.
+    `cold`: the pid of the stage that started this server and runs cold meanwhile (for
+    minutes, maybe): the server stays up until it has ended, for the stage after it."""
+    idle = idle_seconds()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        listener.bind(address(key))
+    except OSError:  # another server has it: that one waits for this stage then
+        if cold:
+            tell(key, cold)
+        return None
+    preload()
+    os.chdir("/")  # hold no folder; each stage changes to its own
+    listener.listen(16)  # until now a client found no server and ran its stage itself
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    # the stages under way, by pidfd: (pid, connection) of a stage forked here, whose command
+    # waits for its exit status; (pid, None) of a stage that runs cold
+    stages: dict[int, tuple[int, socket.socket | None]] = {}
+
+    def watch(pid: int, conn: socket.socket | None = None) -> None:
+        with contextlib.suppress(ProcessLookupError):  # a cold stage may have ended already
+            pidfd = os.pidfd_open(pid)
+            stages[pidfd] = pid, conn
+            sel.register(pidfd, selectors.EVENT_READ)
+
+    if cold:
+        watch(cold)
+    while events := sel.select(None if stages else idle):  # none: idle that long
+        for event, _ in events:
+            if event.fileobj is not listener:  # a stage ended
+                pid, conn = stages.pop(event.fd)
+                sel.unregister(event.fd)
+                os.close(event.fd)
+                if conn is not None:  # ours: tell its command how it ended
+                    _, status = os.waitpid(pid, 0)
+                    with contextlib.suppress(OSError), conn:
+                        conn.send(STATUS.pack(os.waitstatus_to_exitcode(status)))
+                continue
+            conn, _ = listener.accept()
+            try:
+                msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+                request = json.loads(msg)
+            except (OSError, ValueError):
+                conn.close()
+                continue
+            if "cold" in request:
+                watch(request["cold"])
+                conn.close()
+                continue
+            pid = os.fork()
+            if pid == 0:  # the stage's process: keep only its own connection and fds
+                sel.close()
+                listener.close()
+                for pidfd, (_, other) in stages.items():
+                    os.close(pidfd)
+                    if other is not None:
+                        other.close()
+                return conn, request, fds
+            for fd in fds:
+                os.close(fd)
+            watch(pid, conn)
+            with contextlib.suppress(OSError):  # if its command is gone, the stage sees it
+                conn.send(STATUS.pack(pid))
+    return None
+
+
+def tell(key: str, cold: int) -> None:
+    """Ask the server at `key` to stay up until the cold stage `cold` ends; while it imports,
+    try again until it listens (or the stage has ended)."""
+    try:
+        pidfd = os.pidfd_open(cold)
+    except ProcessLookupError:
+        return
+    try:
+        while (sock := connect(key)) is None:
+            if select.select([pidfd], [], [], 0.1)[0]:
+                return
+        with sock:
+            sock.send(json.dumps({"cold": cold}).encode())
+    finally:
+        os.close(pidfd)
+
+
+def become(conn: socket.socket, request: dict, fds: list[int]) -> socket.socket:
+    """Turn the forked child into the process the client would have started; its connection
+    to the client."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.stdout.reconfigure(line_buffering=os.isatty(1))
+    sys.argv = [request["module"], *request["args"]]
+    main = threading.main_thread().ident
+
+    def watch() -> None:  # the client died (SIGKILL): stop, as a stage whose DVC died does
+        try:
+            conn.recv(1)
+        except OSError:
+            pass
+        signal.pthread_kill(main, signal.SIGTERM)
+
+    threading.Thread(target=watch, name="aebench-warm-client", daemon=True).start()
+    from .. import cli
+
+    cli.PARENT_WATCHED = True  # the thread above takes the place of cli.watch_parent
+    return conn
+
+
+def run_forked(module: str, conn: socket.socket) -> None:
+    """Run the stage as the interpreter runs a main module, but end the process once the exit
+    handlers have run, telling the command its exit code (the server tells it only of a death
+    by signal, and if the server itself died meanwhile, the code still arrives). Tearing down
+    an interpreter that holds every stage's modules (torch, MLflow, matplotlib) took 0.6 s even
+    with `gc.freeze`, and only frees memory: threads are joined and exit handlers run (MLflow's,
+    logging's) as in any exit, the streams flushed; the stages close every file they write
+    before they return (`with`, atomic renames)."""
+    code = 0
+
+    def end() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # too late to act on
+            signal.signal(signum, signal.SIG_IGN)  # (the client ends when told the code)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        with contextlib.suppress(OSError):
+            conn.send(STATUS.pack(code))
+        exit_as(code, now=True)
+
+    atexit.register(end)  # first, so it runs last
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as done:  # the interpreter prints a message given as the code
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+        raise
+    except KeyboardInterrupt:  # the interpreter dies by SIGINT after its traceback
+        code = -signal.SIGINT
+        raise
+    except BaseException:  # the interpreter prints the traceback
+        code = 1
+        raise

@@ -1,0 +1,257 @@
+"""aebench.warm: a stage forked from a warm server behaves as `python -m stages.X` would.
+
+A toy project (its own stages/toy.py) is served by one server for the module; each test runs
+the same command cold (AEBENCH_WARM=0) and warm and compares what a caller sees: output, exit
+code, signals, and the processes left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+
+from aebench.warm.client import connect
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open") or sys.platform != "linux",
+                                reason="the warm server needs Linux (abstract sockets, pidfds)")
+
+MARKER = f"AEBENCH_TEST_WARM={os.getpid()}"  # in the environment of the servers started here
+TOY = '''"""python -m stages.toy MODE OUT: report what the stage sees, sleep, fail or die."""
+import json, os, signal, sys, time
+from pathlib import Path
+from aebench import cli
+
+USAGE = "python -m stages.toy MODE OUT"
+
+
+def main(args):
+    out = Path(args.out)
+    if args.mode == "report":
+        print("to stdout")
+        out.write_text(json.dumps({
+            "argv": sys.argv, "cwd": os.getcwd(), "name": __name__, "pid": os.getpid(),
+            "env": os.environ.get("DVC_TOY"), "warm": "torch" in sys.modules}))
+    elif args.mode == "sleep":
+        out.write_text(str(os.getpid()))
+        try:
+            time.sleep(120)
+        finally:
+            Path(f"{out}.cleaned").write_text("yes")
+    elif args.mode == "fail":
+        raise ValueError("toy: a bad value")
+    elif args.mode == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif args.mode == "cuda":
+        import torch
+        out.write_text(str(torch.zeros(1, device="cuda").device))
+
+
+if __name__ == "__main__":
+    cli.run(main, USAGE, __doc__)
+'''
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("toy")
+    (root / "stages").mkdir()
+    (root / "stages" / "__init__.py").write_text("")
+    (root / "stages" / "toy.py").write_text(TOY)
+    assert run(root, "--start", warm_on=True).returncode == 0
+    yield root
+    for pid in servers().values():  # they would wait AEBENCH_WARM_IDLE for the next stage
+        os.kill(pid, signal.SIGTERM)
+
+
+def env(warm_on: bool, **extra: str) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items()  # pytest changes PYTEST_CURRENT_TEST per test
+           if k not in ("AEBENCH_DEBUG", "DVC_STAGE", "PYTEST_CURRENT_TEST")}
+    out.update({"PYTHONPATH": str(REPO), "AEBENCH_TEST_WARM": MARKER.split("=")[1],
+                "AEBENCH_WARM": "1" if warm_on else "0", "AEBENCH_WARM_IDLE": "60", **extra})
+    return out
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "aebench.warm", *args]
+
+
+def run(root: Path, *args: str, warm_on: bool, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command(*args), cwd=root, env=env(warm_on, **extra),
+                          capture_output=True, text=True, timeout=120)
+
+
+def both(root: Path, *args: str, **extra: str) -> dict[bool, subprocess.CompletedProcess]:
+    return {on: run(root, *args, warm_on=on, **extra) for on in (False, True)}
+
+
+def key_of(root: Path, **extra: str) -> str:
+    """The server key a warm command in `root` computes (its `stages` is root's)."""
+    code = "import os; from aebench import warm; print(warm.fingerprint(os.getcwd()))"
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env(True, **extra),
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"
+
+
+def wait_for(condition, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s"
+        time.sleep(0.05)
+
+
+def servers() -> dict[str, int]:
+    """{key: pid} of the servers this module started (they carry its MARKER)."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            words = (proc / "cmdline").read_bytes().split(b"\0")
+            ours = MARKER.encode() in (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if ours and b"aebench.warm" in words and b"--serve" in words:
+            found[words[words.index(b"--serve") + 1].decode()] = int(proc.name)
+    return found
+
+
+def test_a_warm_stage_sees_what_python_m_would_show_it(toy, tmp_path):
+    seen = {}
+    for on in (False, True):
+        proc = run(toy, "stages.toy", "report", str(tmp_path / "r.json"), warm_on=on,
+                   DVC_TOY="x")
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "to stdout\n", ""), proc.stderr
+        seen[on] = json.loads((tmp_path / "r.json").read_text())
+    assert seen[True].pop("warm") and not seen[False].pop("warm")  # torch came with the fork
+    assert seen[True].pop("pid") != seen[False].pop("pid")
+    assert seen[True] == seen[False] == {
+        "argv": [str(toy / "stages" / "toy.py"), "report", str(tmp_path / "r.json")],
+        "cwd": str(toy), "name": "__main__", "env": "x"}
+
+
+def test_errors_and_exit_codes_are_the_same(toy, tmp_path):
+    for args, code, last in ((["fail", "x"], 1, "error: toy: a bad value"),
+                             (["report"], 2, "the following arguments are required: OUT"),
+                             (["die", "x"], -signal.SIGKILL, None)):
+        for proc in both(toy, "stages.toy", *args).values():
+            assert proc.returncode == code, proc.stderr
+            if last:
+                assert proc.stderr.strip().splitlines()[-1].endswith(last)
+
+
+@pytest.mark.parametrize("warm_on", [False, True])
+def test_ctrl_c_reaches_the_stage_and_its_cleanup_runs(toy, tmp_path, warm_on):
+    out = tmp_path / "pid"
+    proc = subprocess.Popen(command("stages.toy", "sleep", str(out)), cwd=toy, env=env(warm_on),
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(out.exists, 30)
+    os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the command's process group
+    _, err = proc.communicate(timeout=30)
+    assert (proc.returncode, err.strip()) == (130, "interrupted: stages.toy (SIGINT)")
+    assert (tmp_path / "pid.cleaned").exists()
+    assert (int(out.read_text()) != proc.pid) == warm_on
+
+
+def test_a_killed_command_stops_its_warm_stage(toy, tmp_path):
+    out = tmp_path / "pid"
+    proc = subprocess.Popen(command("stages.toy", "sleep", str(out)), cwd=toy, env=env(True))
+    wait_for(out.exists, 30)
+    stage = int(out.read_text())
+    assert stage != proc.pid  # it runs in the server's fork
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not alive(stage), 10)
+    assert (tmp_path / "pid.cleaned").exists()  # SIGTERM, handled as a stage's `finally` is
+
+
+def test_a_stage_whose_server_is_killed_still_ends_as_it_should(tmp_path):
+    root = toy_root(tmp_path / "killed")
+    assert run(root, "--start", warm_on=True).returncode == 0
+    server = servers()[key_of(root)]
+    out = tmp_path / "pid"
+    proc = subprocess.Popen(command("stages.toy", "sleep", str(out)), cwd=root, env=env(True),
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(out.exists, 30)
+    os.kill(server, signal.SIGKILL)
+    wait_for(lambda: not alive(server), 10)
+    proc.send_signal(signal.SIGINT)  # forwarded to the stage, which tells its code itself
+    _, err = proc.communicate(timeout=30)
+    assert (proc.returncode, err.strip()) == (130, "interrupted: stages.toy (SIGINT)")
+    assert (tmp_path / "pid.cleaned").exists()
+
+
+def test_an_edit_is_never_served_by_the_old_imports(toy, tmp_path):
+    key = key_of(toy)
+    stage = toy / "stages" / "toy.py"
+    stage.write_text(stage.read_text().replace('print("to stdout")', 'print("edited")'))
+    try:
+        assert key_of(toy) != key
+        proc = run(toy, "stages.toy", "report", str(tmp_path / "r.json"), warm_on=True)
+        assert proc.stdout == "edited\n"
+    finally:
+        stage.write_text(TOY)
+
+
+def toy_root(root: Path) -> Path:
+    (root / "stages").mkdir(parents=True)
+    (root / "stages" / "__init__.py").write_text("")
+    (root / "stages" / "toy.py").write_text(TOY)
+    return root
+
+
+def test_the_server_exits_when_idle_and_a_command_starts_one_when_none_runs(tmp_path):
+    root = toy_root(tmp_path / "idle")
+    out = tmp_path / "r.json"
+    first = run(root, "stages.toy", "report", str(out), warm_on=True, AEBENCH_WARM_IDLE="2")
+    assert first.returncode == 0 and not json.loads(out.read_text())["warm"]  # cold, and...
+    key = key_of(root, AEBENCH_WARM_IDLE="2")
+    wait_for(lambda: key in servers(), 60)  # ...it started the server for the next ones
+    wait_for(lambda: key not in servers(), 60)  # 2 s after its imports, none having come
+
+
+def test_a_long_cold_stage_keeps_its_server_up_for_the_next_stage(tmp_path):
+    root = toy_root(tmp_path / "long")
+    out = tmp_path / "pid"
+    cold = subprocess.Popen(command("stages.toy", "sleep", str(out)), cwd=root,
+                            env=env(True, AEBENCH_WARM_IDLE="1"))
+    wait_for(out.exists, 30)
+    assert int(out.read_text()) == cold.pid  # no server yet: it runs in its command
+    key = key_of(root, AEBENCH_WARM_IDLE="1")
+    wait_for(lambda: (sock := connect(key)) and sock.close() is None, 60)  # it listens
+    time.sleep(3)  # three times its idle time
+    cold.send_signal(signal.SIGINT)
+    assert cold.wait(timeout=30) == 130
+    proc = run(root, "stages.toy", "report", str(tmp_path / "r.json"), warm_on=True,
+               AEBENCH_WARM_IDLE="1")
+    assert proc.returncode == 0 and json.loads((tmp_path / "r.json").read_text())["warm"]
+
+
+def test_a_bad_idle_time_is_named():
+    proc = subprocess.run(command("stages.toy", "report", "x"), env=env(True,
+                          AEBENCH_WARM_IDLE="soon"), capture_output=True, text=True)
+    assert (proc.returncode, proc.stderr.strip()) == \
+        (1, "error: AEBENCH_WARM_IDLE='soon' is not a number of seconds")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_warm_stage_can_use_the_gpu(toy, tmp_path):
+    # The server never initializes CUDA, so its forks can
+    for proc in both(toy, "stages.toy", "cuda", str(tmp_path / "d")).values():
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "d").read_text() == "cuda:0"
