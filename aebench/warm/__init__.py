@@ -3,10 +3,11 @@ in a process forked from a parent that has already imported what the stages impo
 
 Every stage is its own process, and at smoke size most of a stage was its start: torch, MLflow
 with its SQLAlchemy store and matplotlib take 4-5 s to import on a 2-core machine, and the first
-optimizer of a process imports torch's compiler (1.7 s). The first stage of a `dvc repro` starts
-a server that imports all of it once; every stage, that one included, is then a `fork` of it:
-a fresh process with the modules loaded and nothing else (the server never runs a stage, opens
-a store or touches a GPU), so no stage sees another's state, as with a cold start.
+optimizer of a process imports torch's compiler (1.7 s). The first stage of a `dvc repro` finds
+no server: it starts one in the background and runs itself, as `python -m stages.X` would. The
+server imports all of it once; every later stage is a `fork` of it: a fresh process with the
+modules loaded and nothing else (the server never runs a stage, opens a store or touches a
+GPU), so no stage sees another's state, as with a cold start.
 
 The stage's process is the server's child, so this command stays in its place: it hands the
 stage its stdin, stdout and stderr (a terminal stays a terminal), forwards SIGINT, SIGTERM and
@@ -14,7 +15,8 @@ SIGHUP to it, and exits with its status. If this command dies, the stage gets SI
 
 The server is one per project folder, interpreter, environment and version of the code (a
 hash of every .py file's size and time under aebench/ and stages/): an edit starts a new one.
-It exits 10 s after its last stage ended. AEBENCH_WARM=0, or an OS without Linux's abstract
+It stays up while a stage it forked, or the cold stage that started it, runs, and exits 10 s
+after the last one ended (AEBENCH_WARM_IDLE). AEBENCH_WARM=0, or an OS without Linux's abstract
 sockets and pidfds, runs the stage in this process instead, as `python -m stages.X` would.
 """
 

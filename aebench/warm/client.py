@@ -10,9 +10,8 @@ import subprocess
 import sys
 import time
 
+from .. import cli
 from . import STATUS, address, fingerprint
-
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def connect(key: str) -> socket.socket | None:
@@ -60,23 +59,21 @@ def run_warm(module: str, args: list[str]) -> int | None:
     with sock:
         request = {"module": module, "args": args, "cwd": cwd, "env": dict(os.environ)}
         # Held until the stage's pid is known, then forwarded to it
-        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        signal.pthread_sigmask(signal.SIG_BLOCK, cli.STOPS)
         try:
             socket.send_fds(sock, [json.dumps(request).encode()], [0, 1, 2])
             reply = sock.recv(STATUS.size)
         except OSError:
             reply = b""
         if not reply:  # it died or exited before forking: nothing ran
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, cli.STOPS)
             return None
         (pid,) = STATUS.unpack(reply)
-        for signum in FORWARDED:
+        for signum in cli.STOPS:
             if signal.getsignal(signum) is not signal.SIG_IGN:
                 signal.signal(signum, lambda n, _frame: os.kill(pid, n))
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, cli.STOPS)
         if "DVC_STAGE" in os.environ:  # DVC gone: SIGTERM to us, forwarded, as in a cold stage
-            from .. import cli
-
             try:
                 cli.watch_parent()
             except cli.Interrupted:  # it died before we could watch it

@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 
+from .. import cli
 from . import STATUS, address, idle_seconds, stage_folder
 from .client import connect, exit_as
 
@@ -144,8 +145,6 @@ def become(conn: socket.socket, request: dict, fds: list[int]) -> socket.socket:
         signal.pthread_kill(main, signal.SIGTERM)
 
     threading.Thread(target=watch, name="aebench-warm-client", daemon=True).start()
-    from .. import cli
-
     cli.PARENT_WATCHED = True  # the thread above takes the place of cli.watch_parent
     return conn
 
@@ -161,8 +160,8 @@ def run_forked(module: str, conn: socket.socket) -> None:
     code = 0
 
     def end() -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # too late to act on
-            signal.signal(signum, signal.SIG_IGN)  # (the client ends when told the code)
+        for signum in cli.STOPS:  # too late to act on (the client ends when told the code)
+            signal.signal(signum, signal.SIG_IGN)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
