@@ -8,7 +8,7 @@ table, for DVC's overlay plot), and logs the PNGs to a new MLflow run named `fig
 import sys
 from pathlib import Path
 
-from aebench import cli, config, constants, data, figures, files, kinds, models, tracking
+from aebench import cli, config, constants, data, figures, files, kinds, models, parallel, tracking
 from aebench.metric_files import read as read_metrics
 
 USAGE = ("python -m stages.figures CSV_DIR MODELS_DIR METRICS_DIR DETAILS_JSON CURVES_DIR "
@@ -36,9 +36,12 @@ def main(args) -> None:
         train=data.read_mnist_csv(f"{args.csv_dir}/{constants.CSV_NAMES['train']}",
                                   limit=figures.TRAIN_IMAGE + 1, short_ok=True),
         noise_seed=noise_seed)
-    with files.output_group():  # every PNG and the table change, or none
-        paths = figures.draw_all(inputs, Path(args.out_dir))
+    # Every PNG and the table change, or none; the folder is replaced whole, so that the
+    # figures, drawn side by side (one per core), land in it together.
+    with files.output_group(), files.atomic_dir(args.out_dir) as folder:
+        figures.draw_all(inputs, folder, workers=parallel.cores())
         files.write_csv_rows(args.overlay_csv, figures.overlay_rows(inputs.curves))
+    paths = [Path(args.out_dir) / name for name in figures.FIGURES]
     with tracking.evaluation_run(experiment_id, name="figures"):
         tracking.log_artifacts(paths)
     for path in paths:

@@ -15,6 +15,9 @@ import os
 # (a 784 x 784 eigendecomposition: 0.08 s on one thread, up to 10 s on two). Training itself
 # uses one thread on the CPU whatever this says.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The warm servers the tests start (one per scratch project) exit 10 s after their last stage,
+# not after the default 10 min: dozens of them, ~0.9 GB each, would fill a CI machine.
+os.environ.setdefault("AEBENCH_WARM_IDLE", "10")
 
 import gzip
 import hashlib

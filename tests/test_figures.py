@@ -139,8 +139,8 @@ def test_missing_metrics_fail_naming_the_model(in_root, tmp_path):
 
 
 def test_interrupted_figures_change_no_output(root, project, tmp_path):
-    # Ctrl-C while the PNGs are drawn, after denoising.png is done (it would change: another
-    # noise seed) and before test_mse.png: no PNG and no table may be replaced, or all of them.
+    # Ctrl-C while the PNGs are drawn (side by side, in workers), after denoising.png is done
+    # (it would change: another noise seed): no PNG and no table may be replaced.
     copy = Path(shutil.copytree(root, tmp_path / "project"))
     params = yaml.safe_load((copy / "params.yaml").read_text())
     params["evaluate"]["noise_seed"] += 1
@@ -156,20 +156,20 @@ def test_interrupted_figures_change_no_output(root, project, tmp_path):
                              cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
                                                                          signal.SIG_DFL))
-    own = copy / ".dvc/tmp/aebench" / f"{socket.gethostname()}-{stage.pid}"
-    for _ in range(1200):  # training_curves.png under way: denoising.png is written
-        if own.is_dir() and any(p.name.startswith(".training_curves.png.")
-                                for p in own.iterdir()):
+    temps = copy / ".dvc/tmp/aebench"
+    own = temps / f"{socket.gethostname()}-{stage.pid}"  # the new folder is in it
+    for _ in range(1200):
+        if list(own.glob(".figures.*.tmp/denoising.png")):
             break
         time.sleep(0.05)
     else:
-        pytest.fail(f"figures never got to training_curves.png: {stage.communicate()}")
+        pytest.fail(f"figures never wrote denoising.png: {stage.communicate()}")
     stage.send_signal(signal.SIGINT)
     _, err = stage.communicate(timeout=120)
     assert (stage.returncode, err.splitlines()[-1]) == (130, "interrupted: stages.figures "
                                                              "(SIGINT)")
     assert {p.name: state(p) for p in outputs} == before
-    assert not own.exists()  # its temporaries went with it
+    assert not list(temps.iterdir())  # its and its workers' temporaries went with them
 
 
 # --------------------------------------------------------------------------- figure functions
@@ -199,6 +199,13 @@ def only(inp: figures.Inputs, names: list[str]) -> figures.Inputs:
     return dataclasses.replace(inp, cfgs=pick(inp.cfgs), nets=pick(inp.nets),
                                headline=pick(inp.headline), details=pick(inp.details),
                                curves=pick(inp.curves))
+
+
+def test_figures_drawn_side_by_side_are_the_bytes_drawn_one_after_another(inputs, tmp_path):
+    paths = {w: figures.draw_all(inputs, tmp_path / str(w), workers=w) for w in (1, 3)}
+    assert [p.name for p in paths[3]] == list(figures.FIGURES)
+    for one, side in zip(paths[1], paths[3], strict=True):
+        assert one.read_bytes() == side.read_bytes(), one.name
 
 
 def test_error_bars_and_bands_with_a_single_replica(inputs, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,6 +226,19 @@ def test_the_server_exits_when_idle_and_a_command_starts_one_when_none_runs(tmp_
     wait_for(lambda: key not in servers(), 60)  # 2 s after its imports, none having come
 
 
+def test_a_command_that_comes_while_the_server_imports_waits_for_it_instead_of_running_cold(
+        tmp_path):
+    root = toy_root(tmp_path / "importing")
+    (root / "stages" / "slow.py").write_text("import time\ntime.sleep(4)\n")  # preload's
+    starter = subprocess.Popen(command("--start"), cwd=root, env=env(True))
+    key = key_of(root)
+    wait_for(lambda: key in servers(), 30)  # bound and listening; importing for 4 s more
+    out = tmp_path / "r.json"
+    assert run(root, "stages.toy", "report", str(out), warm_on=True).returncode == 0
+    assert json.loads(out.read_text())["warm"]
+    assert starter.wait(timeout=60) == 0
+
+
 def test_a_long_cold_stage_keeps_its_server_up_for_the_next_stage(tmp_path):
     root = toy_root(tmp_path / "long")
     out = tmp_path / "pid"
@@ -240,6 +254,27 @@ def test_a_long_cold_stage_keeps_its_server_up_for_the_next_stage(tmp_path):
     proc = run(root, "stages.toy", "report", str(tmp_path / "r.json"), warm_on=True,
                AEBENCH_WARM_IDLE="1")
     assert proc.returncode == 0 and json.loads((tmp_path / "r.json").read_text())["warm"]
+
+
+def test_a_server_exits_on_stop_or_once_its_code_or_folder_is_gone_long_before_its_idle_time(
+        tmp_path):
+    idle = {"AEBENCH_WARM_IDLE": "600"}  # the default
+    stopped, edited, removed = (toy_root(tmp_path / n) for n in ("stopped", "edited", "removed"))
+    keys = {}
+    for root in (stopped, edited, removed):
+        assert run(root, "--start", warm_on=True, **idle).returncode == 0
+        keys[root] = key_of(root, **idle)
+        assert keys[root] in servers()
+    proc = run(stopped, "--stop", warm_on=True, **idle)
+    assert proc.stderr == "aebench.warm: this folder's server exits once its stages have ended\n"
+    stage = edited / "stages" / "toy.py"
+    stage.write_text(stage.read_text() + "# edited\n")
+    shutil.rmtree(removed)
+    for root in (stopped, edited, removed):  # a check every CHECK_S = 5 s
+        wait_for(lambda root=root: keys[root] not in servers(), 30)
+    again = run(stopped, "--stop", warm_on=True, **idle)
+    assert (again.returncode, again.stderr) == (0, "aebench.warm: no server runs for this "
+                                                   "folder\n")
 
 
 def test_a_bad_idle_time_is_named():

@@ -4,8 +4,9 @@ in a process forked from a parent that has already imported what the stages impo
 Every stage is its own process, and at smoke size most of a stage was its start: torch, MLflow
 with its SQLAlchemy store and matplotlib take 4-5 s to import on a 2-core machine, and the first
 optimizer of a process imports torch's compiler (1.7 s). The first stage of a `dvc repro` finds
-no server: it starts one in the background and runs itself, as `python -m stages.X` would. The
-server imports all of it once; every later stage is a `fork` of it: a fresh process with the
+no server: it starts one in the background and runs itself, as `python -m stages.X` would (a
+stage that comes while a server imports waits for it: it is further along). The server imports
+all of it once; every later stage is a `fork` of it: a fresh process with the
 modules loaded and nothing else (the server never runs a stage, opens a store or touches a
 GPU), so no stage sees another's state, as with a cold start.
 
@@ -15,9 +16,12 @@ SIGHUP to it, and exits with its status. If this command dies, the stage gets SI
 
 The server is one per project folder, interpreter, environment and version of the code (a
 hash of every .py file's size and time under aebench/ and stages/): an edit starts a new one.
-It stays up while a stage it forked, or the cold stage that started it, runs, and exits 10 s
-after the last one ended (AEBENCH_WARM_IDLE). AEBENCH_WARM=0, or an OS without Linux's abstract
-sockets and pidfds, runs the stage in this process instead, as `python -m stages.X` would.
+It stays up while a stage it forked, or the cold stage that started it, runs, and exits 10 min
+after the last one ended (AEBENCH_WARM_IDLE), so that the next `dvc repro` or `dvc exp run` in
+the folder starts warm too; sooner once its code no longer matches the folder's (an edit, an
+install, the folder removed), and on `python -m aebench.warm --stop`. AEBENCH_WARM=0, or an OS
+without Linux's abstract sockets and pidfds, runs the stage in this process instead, as `python
+-m stages.X` would.
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ import sys
 import sysconfig
 from pathlib import Path
 
-IDLE_S = 10.0  # longer than DVC's pause between two stages; AEBENCH_WARM_IDLE sets another
+# How long an idle server waits for the next stage; AEBENCH_WARM_IDLE sets another. Long enough
+# for the edit between two runs (an experiment's first stage then starts warm too): what it
+# holds is the imports, ~0.9 GB resident, and nothing of any run.
+IDLE_S = 600.0
+CHECK_S = 5.0  # how often an idle server checks that its code is still the folder's
 STATUS = struct.Struct("q")  # the stage's pid, then its exit code (-N: killed by signal N)
 VOLATILE = ("_", "PWD", "OLDPWD", "SHLVL")  # what a shell changes between commands
 
@@ -60,19 +68,31 @@ def stage_folder() -> Path | None:
 def fingerprint(cwd: str) -> str:
     """What the server's imports depend on, so that one that no longer matches is never used:
     the interpreter, the folder, the environment (but what DVC and the shell set per command)
-    and every .py file's size and time in aebench/ and stages/ (and the installed packages'
-    folder's time, which an install changes)."""
+    and the code_version."""
     h = hashlib.sha256(f"{sys.executable}\0{cwd}\0".encode())
     env = sorted((k, v) for k, v in os.environ.items()
                  if k not in VOLATILE and not k.startswith("DVC_"))
     h.update(json.dumps(env).encode())
-    files = [Path(sysconfig.get_paths()["purelib"])]
-    for folder in (Path(__file__).parents[1], stage_folder()):
-        files += sorted(folder.rglob("*.py")) if folder else []
+    h.update(code_version(code_folders()).encode())
+    return h.hexdigest()[:32]
+
+
+def code_folders() -> list[Path]:
+    """aebench/ and the `stages` package this folder imports."""
+    return [Path(__file__).parents[1], *filter(None, [stage_folder()])]
+
+
+def code_version(folders: list[Path]) -> str:
+    """Every .py file's size and time in `folders` and the installed packages' folder's time
+    (which an install changes). OSError if a folder is gone."""
+    h = hashlib.sha256()
+    files = [Path(sysconfig.get_paths()["purelib"]), *folders]
+    for folder in folders:
+        files += sorted(folder.rglob("*.py"))
     for path in files:
         st = path.stat()
         h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return h.hexdigest()[:32]
+    return h.hexdigest()
 
 
 def address(key: str) -> bytes:

@@ -1,4 +1,4 @@
-"""python -m aebench.warm MODULE [ARGS...] | --start (see aebench/warm/__init__.py)."""
+"""python -m aebench.warm MODULE [ARGS...] | --start | --stop (see aebench/warm/__init__.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import runpy
 import sys
 
 from . import available
-from .client import exit_as, run_warm, start
+from .client import exit_as, run_warm, start, stop
 from .server import become, run_forked, serve
 
 
@@ -19,8 +19,14 @@ def main(argv: list[str]) -> None:
         return
     if argv == ["--start"]:
         sys.exit(0 if available() and start(os.getcwd()) else "aebench.warm: no server started")
+    if argv == ["--stop"]:
+        stopped = stop(os.getcwd())
+        print("aebench.warm: " + ("this folder's server exits once its stages have ended"
+                                  if stopped else "no server runs for this folder"),
+              file=sys.stderr)
+        return
     if not argv or argv[0].startswith("-"):
-        sys.exit("usage: python -m aebench.warm MODULE [ARGS...] | --start")
+        sys.exit("usage: python -m aebench.warm MODULE [ARGS...] | --start | --stop")
     module, args = argv[0], argv[1:]
     if available() and (code := run_warm(module, args)) is not None:
         exit_as(code)

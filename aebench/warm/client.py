@@ -34,8 +34,8 @@ def start_server(key: str, cwd: str, cold: int | None = None) -> subprocess.Pope
 
 
 def start(cwd: str, timeout: float = 120.0) -> bool:
-    """Start this folder's server unless one runs, and wait until it serves (for benchmarks and
-    tests); whether it does."""
+    """Start this folder's server unless one runs, and wait until it has imported everything
+    (for `make smoke`, benchmarks and tests); whether it serves."""
     key = fingerprint(cwd)
     deadline = time.monotonic() + timeout
     server = None
@@ -43,8 +43,24 @@ def start(cwd: str, timeout: float = 120.0) -> bool:
         server = server or start_server(key, cwd)
         if server.poll() or time.monotonic() > deadline:  # it failed, or is too slow
             return False
-        time.sleep(0.05)  # exit 0: another server is importing; wait for that one
-    sock.close()
+        time.sleep(0.05)  # exit 0: another server has the address; wait for that one
+    with sock:
+        sock.settimeout(max(0.0, deadline - time.monotonic()))
+        try:
+            sock.send(json.dumps({"ping": True}).encode())
+            return len(sock.recv(STATUS.size)) == STATUS.size  # once it has imported
+        except OSError:  # it died importing, or is too slow
+            return False
+
+
+def stop(cwd: str) -> bool:
+    """Ask this folder's server (the one this environment's commands use) to exit once the
+    stages under way have ended; whether there was one."""
+    sock = connect(fingerprint(cwd))
+    if sock is None:
+        return False
+    with sock:
+        sock.send(json.dumps({"stop": True}).encode())
     return True
 
 
@@ -53,7 +69,7 @@ def run_warm(module: str, args: list[str]) -> int | None:
     cwd = os.getcwd()
     key = fingerprint(cwd)
     sock = connect(key)
-    if sock is None:  # none, or still importing: this stage runs cold, alongside its imports
+    if sock is None:  # none: this stage runs cold, and a server imports alongside it
         start_server(key, cwd, cold=os.getpid())
         return None
     with sock:

@@ -14,9 +14,19 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 from .. import cli
-from . import STATUS, address, idle_seconds, stage_folder
+from . import (
+    CHECK_S,
+    STATUS,
+    address,
+    code_folders,
+    code_version,
+    fingerprint,
+    idle_seconds,
+    stage_folder,
+)
 from .client import connect, exit_as
 
 
@@ -44,6 +54,10 @@ def serve(key: str, cold: int | None = None) -> tuple[socket.socket, dict, list[
     `cold`: the pid of the stage that started this server and runs cold meanwhile (for
     minutes, maybe): the server stays up until it has ended, for the stage after it."""
     idle = idle_seconds()
+    folders = code_folders()
+    version = code_version(folders)  # what it imports now; the key says what its clients have
+    if fingerprint(os.getcwd()) != key:  # edited since the client looked: serve no one
+        return None
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         listener.bind(address(key))
@@ -51,9 +65,11 @@ def serve(key: str, cold: int | None = None) -> tuple[socket.socket, dict, list[
         if cold:
             tell(key, cold)
         return None
+    # Listening before the imports: a command that comes meanwhile waits for them (they are
+    # under way: sooner than its own) instead of running cold.
+    listener.listen(64)
     preload()
     os.chdir("/")  # hold no folder; each stage changes to its own
-    listener.listen(16)  # until now a client found no server and ran its stage itself
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
     # the stages under way, by pidfd: (pid, connection) of a stage forked here, whose command
@@ -66,14 +82,30 @@ def serve(key: str, cold: int | None = None) -> tuple[socket.socket, dict, list[
             stages[pidfd] = pid, conn
             sel.register(pidfd, selectors.EVENT_READ)
 
+    def stale() -> bool:
+        try:
+            return code_version(folders) != version
+        except OSError:  # the folder is gone
+            return True
+
+    def stop_listening() -> None:  # the next command starts a new server
+        sel.unregister(listener)
+        listener.close()
+
     if cold:
         watch(cold)
-    while events := sel.select(None if stages else idle):  # none: idle that long
+    last = time.monotonic()  # when the last stage ended
+    while stages or listener.fileno() >= 0:
+        wait = None if stages else min(CHECK_S, max(0.0, last + idle - time.monotonic()))
+        events = sel.select(wait)
+        if not events and not stages and (time.monotonic() >= last + idle or stale()):
+            break
         for event, _ in events:
             if event.fileobj is not listener:  # a stage ended
                 pid, conn = stages.pop(event.fd)
                 sel.unregister(event.fd)
                 os.close(event.fd)
+                last = time.monotonic()
                 if conn is not None:  # ours: tell its command how it ended
                     _, status = os.waitpid(pid, 0)
                     with contextlib.suppress(OSError), conn:
@@ -88,6 +120,12 @@ def serve(key: str, cold: int | None = None) -> tuple[socket.socket, dict, list[
                 continue
             if "cold" in request:
                 watch(request["cold"])
+            elif "stop" in request:  # end once the stages under way have
+                stop_listening()
+            elif "ping" in request:  # --start: the imports are done
+                with contextlib.suppress(OSError):
+                    conn.send(STATUS.pack(0))
+            if "module" not in request:
                 conn.close()
                 continue
             pid = os.fork()
@@ -108,7 +146,7 @@ def serve(key: str, cold: int | None = None) -> tuple[socket.socket, dict, list[
 
 
 def tell(key: str, cold: int) -> None:
-    """Ask the server at `key` to stay up until the cold stage `cold` ends; while it imports,
+    """Ask the server at `key` to stay up until the cold stage `cold` ends; while it binds,
     try again until it listens (or the stage has ended)."""
     try:
         pidfd = os.pidfd_open(cold)
