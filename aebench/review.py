@@ -23,7 +23,8 @@ from pathlib import Path
 import yaml
 
 from . import stats
-from .compare import alpha_arg, compare, render
+from .changes import compare
+from .compare import alpha_arg, render
 from .revisions import WORKSPACE, BadInput, Side, load
 
 TRAIN = "train"  # dvc.yaml's foreach stage: train@<model> writes that model's weights

@@ -15,7 +15,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from aebench import __main__ as cli_main
-from aebench import compare, stats
+from aebench import changes, compare, stats
 from aebench.revisions import Details, Side
 
 # --------------------------------------------------------------------------- made-up models
@@ -67,12 +67,12 @@ def row(rows, model):
 
 
 def test_paired_by_seed_finds_what_welch_misses():
-    rows = compare.compare(side({"m": SEEDS_A}), side({"m": SEEDS_B}))
+    rows = changes.compare(side({"m": SEEDS_A}), side({"m": SEEDS_B}))
     r = row(rows, "m")
     assert r.test == "paired" and r.verdict == "better"
     assert r.p == pytest.approx(scipy_stats.ttest_rel(SEEDS_B, SEEDS_A).pvalue)
     assert r.p < 1e-3
-    welch = compare.compare(side({"m": SEEDS_A}), side({"m": SEEDS_B}, per_seed=False))
+    welch = changes.compare(side({"m": SEEDS_A}), side({"m": SEEDS_B}, per_seed=False))
     assert row(welch, "m").test == "Welch (no per-seed values in B)"
     assert row(welch, "m").verdict == "within noise"  # the same numbers, unpaired: p ~ 0.1
     assert 0.05 < row(welch, "m").p < 0.3
@@ -82,17 +82,17 @@ def test_paired_by_seed_finds_what_welch_misses():
     ([10, 11, 12, 13, 14], "Welch (different seeds)"),
 ])
 def test_welch_when_the_seeds_differ(b_seeds, why):
-    r = row(compare.compare(side({"m": SEEDS_A}), side({"m": SEEDS_B}, seeds=b_seeds)), "m")
+    r = row(changes.compare(side({"m": SEEDS_A}), side({"m": SEEDS_B}, seeds=b_seeds)), "m")
     assert r.test == why
-    a, b = compare.summary(side({"m": SEEDS_A}).models["m"], "mse"), \
-        compare.summary(side({"m": SEEDS_B}).models["m"], "mse")
+    a, b = changes.summary(side({"m": SEEDS_A}).models["m"], "mse"), \
+        changes.summary(side({"m": SEEDS_B}).models["m"], "mse")
     assert r.p == pytest.approx(scipy_stats.ttest_ind_from_stats(*a, *b, equal_var=False).pvalue)
 
 
 def test_welch_when_the_details_disagree_with_the_metrics():
     b = side({"m": SEEDS_B})
     b.models["m"]["mse"]["mean"] *= 1.01  # a hand-edited metrics file
-    assert row(compare.compare(side({"m": SEEDS_A}), b), "m").test == \
+    assert row(changes.compare(side({"m": SEEDS_A}), b), "m").test == \
         "Welch (B's reports/details.json disagrees with its metrics)"
 
 
@@ -109,9 +109,9 @@ def test_family_wise_control_over_models():
     # the two, the smaller p is doubled and neither is.
     a = [1.0, 1.2, 0.9, 1.1]
     b = [x - 0.05 + e for x, e in zip(a, [0.03, -0.03, 0.0, 0.015])]  # paired p 0.036
-    alone = compare.compare(side({"x": a}), side({"x": b}))
+    alone = changes.compare(side({"x": a}), side({"x": b}))
     assert 0.01 < row(alone, "x").p < 0.05 and row(alone, "x").verdict == "better"
-    both = compare.compare(side({"x": a, "y": a}), side({"x": b, "y": b}))
+    both = changes.compare(side({"x": a, "y": a}), side({"x": b, "y": b}))
     assert row(both, "x").p_adj == pytest.approx(2 * row(both, "x").p)
     assert {r.verdict for r in both} == {"within noise"}
 
@@ -120,17 +120,17 @@ def test_spread_flag_even_when_the_mean_is_within_noise():
     # deep3 at lr 3e-4 in the issue: the seed spread went from 0.0007 to 0.029
     a = [0.0300, 0.0307, 0.0314]
     b = [0.0150, 0.0700, 0.0470]
-    r = row(compare.compare(side({"deep3": a}), side({"deep3": b})), "deep3")
+    r = row(changes.compare(side({"deep3": a}), side({"deep3": b})), "deep3")
     assert r.verdict == "within noise"
     assert r.spread == "spread ×39"
     small = [0.0300, 0.0312, 0.0291]  # spread ×1.5: no flag
-    assert row(compare.compare(side({"d": a}), side({"d": small})), "d").spread is None
+    assert row(changes.compare(side({"d": a}), side({"d": small})), "d").spread is None
 
 
 def test_identical_models_collapse_and_all_shows_them():
     a = side({"same1": [0.1, 0.2], "same2": [0.3, 0.4], "m": SEEDS_A})
     b = side({"same1": [0.1, 0.2], "same2": [0.3, 0.4], "m": SEEDS_B})
-    rows = compare.compare(a, b)
+    rows = changes.compare(a, b)
     assert [r.verdict for r in rows] == ["identical", "identical", "better"]
     text = compare.render(rows, a, b)
     first = text.splitlines()
@@ -149,7 +149,7 @@ def test_a_rescaled_test_loss_is_not_tested_twice_but_bce_is():
     bce_a, bce_b = [0.10, 0.12, 0.11, 0.13, 0.10], [0.09, 0.10, 0.12, 0.11, 0.08]
     a = side({"scaled": (SEEDS_A, 4.0), "bce": (SEEDS_A, bce_a)})
     b = side({"scaled": (SEEDS_B, 4.0), "bce": (SEEDS_B, bce_b)})
-    rows = compare.compare(a, b)
+    rows = changes.compare(a, b)
     assert row(rows, "scaled").loss_test is None
     how, p = row(rows, "bce").loss_test
     assert how == "paired" and p == pytest.approx(scipy_stats.ttest_rel(bce_b, bce_a).pvalue)
@@ -161,7 +161,7 @@ def test_a_rescaled_test_loss_is_not_tested_twice_but_bce_is():
 
 
 def test_one_run_added_and_removed():
-    rows = compare.compare(side({"one": [0.1], "gone": [0.2, 0.3]}),
+    rows = changes.compare(side({"one": [0.1], "gone": [0.2, 0.3]}),
                            side({"one": [0.2], "new": [0.2, 0.3]}))
     assert [(r.model, r.verdict) for r in rows] == [("one", "one run"), ("gone", "removed"),
                                                    ("new", "added")]
@@ -309,7 +309,7 @@ def test_old_layout_is_still_read():
     # the same numbers, and now PCA's mse beside them: identical, not a change to test
     before, after = side({"m": SEEDS_A}), side({"m": SEEDS_A})
     after.models["m"]["pca_mse"] = 0.0177
-    assert row(compare.compare(before, after), "m").verdict == "identical"
+    assert row(changes.compare(before, after), "m").verdict == "identical"
 
 
 BAD = [

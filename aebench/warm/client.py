@@ -41,9 +41,11 @@ def start(cwd: str, timeout: float = 120.0) -> bool:
     server = None
     while (sock := connect(key)) is None:
         server = server or start_server(key, cwd)
+        if server.poll() is not None:  # exit 0: another server has the address, or the code
+            deadline = min(deadline, time.monotonic() + 1.0)  # changed meanwhile: none then
         if server.poll() or time.monotonic() > deadline:  # it failed, or is too slow
             return False
-        time.sleep(0.05)  # exit 0: another server has the address; wait for that one
+        time.sleep(0.05)
     with sock:
         sock.settimeout(max(0.0, deadline - time.monotonic()))
         try:
