@@ -200,6 +200,8 @@ def overlay_rows(curves: dict[str, dict[str, np.ndarray]]) -> list[dict]:
 def draw_all(inp: Inputs, out_dir: Path, *, workers: int = 1) -> list[Path]:
     """Every registered figure into out_dir, `workers` at a time, each in a process of one
     thread (aebench.parallel: the same bytes as one after another); returns the paths."""
-    parallel.each(lambda name: FIGURES[name](inp, out_dir / name), FIGURES, workers=workers,
-                  start=lambda: torch.set_num_threads(1))
+    def draw(name: str) -> None:  # nothing to send back: the PNG is the result
+        FIGURES[name](inp, out_dir / name)
+
+    parallel.each(draw, FIGURES, workers=workers, start=lambda: torch.set_num_threads(1))
     return [out_dir / name for name in FIGURES]

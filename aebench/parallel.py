@@ -1,6 +1,6 @@
 """Independent pieces of one stage's work side by side, one per core, in processes forked from
 the stage: each sees the stage's inputs as they are in memory (nothing is pickled or loaded
-again) and takes the next piece until none is left.
+again), takes the next piece until none is left, and sends back its results, pickled.
 
 A worker's error reaches the stage as the worker raised it (the first by piece order; its
 traceback with AEBENCH_DEBUG=1), and the others take no further piece. An interrupted or failed
@@ -36,15 +36,13 @@ def cores() -> int:
 
 
 def each(fn: Callable[[T], object], pieces: Iterable[T], *, workers: int,
-         start: Callable[[], object] = lambda: None) -> None:
-    """fn(piece) for every piece, in up to `workers` forked processes, each of which first
-    calls `start()` (e.g. to use one thread)."""
+         start: Callable[[], object] = lambda: None) -> list:
+    """[fn(piece) for piece in pieces], in up to `workers` forked processes, each of which
+    first calls `start()` (e.g. to use one thread); the results come back pickled."""
     pieces = list(pieces)
     workers = min(workers, len(pieces))
     if workers <= 1 or not hasattr(os, "fork"):
-        for piece in pieces:
-            fn(piece)
-        return
+        return [fn(piece) for piece in pieces]
     ctx = multiprocessing.get_context("fork")
     taken = ctx.Value("i", 0)  # the next piece to take, shared by the workers
     stage = os.getpid()
@@ -58,7 +56,7 @@ def each(fn: Callable[[T], object], pieces: Iterable[T], *, workers: int,
                 _work(fn, pieces, taken, stage, start, write)
             os.close(write)
             running[pid] = read
-        failures = []
+        results, failures = {}, []
         for pid, read in list(running.items()):
             try:
                 report = b"".join(iter(lambda read=read: os.read(read, 1 << 16), b""))
@@ -67,11 +65,16 @@ def each(fn: Callable[[T], object], pieces: Iterable[T], *, workers: int,
                 running[pid] = None
             os.waitpid(pid, 0)
             del running[pid]
-            if report:
-                failures.append(pickle.loads(report))
+            done, failure = pickle.loads(report) if report else ({}, None)
+            results.update(done)
+            failures += [failure] if failure else []
         if failures:
             index, err, text = min(failures, key=lambda f: f[0])
             raise err from WorkerTraceback(text)
+        if len(results) != len(pieces):  # a worker died outright (the OOM killer)
+            raise RuntimeError(f"{len(pieces) - len(results)} of {len(pieces)} pieces of work "
+                               "were lost: a worker process died without a word")
+        return [results[i] for i in range(len(pieces))]
     finally:  # an interrupt, or an error here: the workers stop, with their cleanup
         for pid in running:
             with contextlib.suppress(ProcessLookupError):
@@ -96,10 +99,10 @@ def _reap(pid: int, seconds: float = 10.0) -> None:
 
 def _work(fn, pieces, taken, stage: int, start, report: int) -> None:
     """A worker's life, which never returns into the stage's code: pieces until none is left,
-    then exit 0; or exit 1 with its error, its piece's index and traceback pickled to `report`.
-    It keeps the stage's signal handlers (aebench.cli): SIGTERM from the stage, or Ctrl-C, ends
-    it through its cleanup."""
-    code, index = 1, -1
+    then exit 0 with their results; or exit 1 with those and its error (the piece's index, the
+    error, its traceback), pickled to `report`. It keeps the stage's signal handlers
+    (aebench.cli): SIGTERM from the stage, or Ctrl-C, ends it through its cleanup."""
+    code, index, done, failure = 1, -1, {}, None
     try:
         start()
         while os.getppid() == stage:
@@ -108,20 +111,21 @@ def _work(fn, pieces, taken, stage: int, start, report: int) -> None:
                 taken.value += 1
             if index >= len(pieces):
                 break
-            fn(pieces[index])
+            done[index] = fn(pieces[index])
         code = 0
     except BaseException as err:  # noqa: BLE001 - every error goes to the stage
-        with contextlib.suppress(BaseException):  # the stage may be gone, or not listening
+        with contextlib.suppress(BaseException):
             with taken.get_lock():  # the other workers take no further piece
                 taken.value = len(pieces)
+            failure = (index, err, traceback.format_exc())
             try:
-                data = pickle.dumps((index, err, traceback.format_exc()))
+                pickle.dumps(err)
             except Exception:  # noqa: BLE001 - an error that cannot be pickled: its text then
-                data = pickle.dumps((index, RuntimeError(f"{type(err).__name__}: {err}"),
-                                     traceback.format_exc()))
-            with os.fdopen(report, "wb") as pipe:
-                pipe.write(data)
+                failure = (index, RuntimeError(f"{type(err).__name__}: {err}"), failure[2])
     finally:
+        with contextlib.suppress(BaseException):  # the stage may be gone, or not listening
+            with os.fdopen(report, "wb") as pipe:
+                pipe.write(pickle.dumps((done, failure)))
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(BaseException):
                 stream.flush()

@@ -29,6 +29,19 @@ def test_every_piece_runs_once_in_the_workers_sharing_what_the_stage_holds(tmp_p
     assert str(os.getpid()) not in {v[1] for v in done.values()}  # all in workers
 
 
+def test_the_results_come_back_in_piece_order():
+    assert parallel.each(lambda i: {"square": i * i, "pid": os.getpid()}, range(9),
+                         workers=2)[3]["square"] == 9
+    assert [r["square"] for r in parallel.each(
+        lambda i: {"square": i * i}, range(9), workers=4)] == [i * i for i in range(9)]
+
+
+def test_a_worker_that_dies_outright_is_an_error_not_a_short_result():
+    with pytest.raises(RuntimeError, match=r"of 2 pieces of work were lost: a worker process"):
+        parallel.each(lambda i: os.kill(os.getpid(), signal.SIGKILL) if i else i, range(2),
+                      workers=2)
+
+
 def test_one_worker_runs_the_pieces_here_in_order():
     seen = []
     parallel.each(seen.append, "abc", workers=1)

@@ -13,6 +13,7 @@ import selectors
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 
@@ -38,15 +39,22 @@ def preload() -> None:
             importlib.import_module(f"stages.{path.stem}")
     for name in [m for m in sys.modules if m.startswith("stages.")]:
         del sys.modules[name]
-    # What the stages import on first use: MLflow and its sqlite store; torch's compiler,
-    # which the first optimizer of a process imports. Missing, the stages fail as they would.
+    # What the stages import or look up on first use: MLflow and its sqlite store; torch's
+    # compiler, which the first optimizer of a process imports; the installed packages, which
+    # MLflow scans to check a logged model's requirements (0.25 s), here by saving a throwaway
+    # model outside the project. Missing, the stages fail as they would.
+    import torch
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     with contextlib.suppress(ImportError):
         import mlflow.data
         import mlflow.pytorch
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-    import torch
 
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    # only a warm-up: whatever goes wrong here, the stage meets (and reports) itself
+    with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp:
+        mlflow.pytorch.save_model(torch.nn.Linear(1, 1), f"{tmp}/model",
+                                  serialization_format="pickle", pip_requirements=["torch"])
 
 
 def serve(key: str, cold: int | None = None) -> tuple[socket.socket, dict, list[int]] | None:
