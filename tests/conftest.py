@@ -9,6 +9,7 @@ tiny trained and evaluated project for the stage tests (see "a trained project" 
 from __future__ import annotations
 
 import os
+import signal
 
 # One thread for torch and numpy, in this process and the stages it starts, before either is
 # imported: the models are tiny, and two threads on a shared 2-core machine stall each other
@@ -31,6 +32,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from torch import nn
+
+# A runner started in the background (`make test &` in a script, nohup) hands pytest SIGINT
+# ignored, and every process the tests start would inherit that (stages respect it, as they
+# should under nohup): the Ctrl-C tests need SIGINT to act. A handler, unlike SIG_IGN, does
+# not survive exec, so the stages start with the default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 IDX_NAMES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
