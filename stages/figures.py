@@ -39,9 +39,9 @@ def main(args) -> None:
     # Every PNG and the table change, or none; the folder is replaced whole, so that the
     # figures, drawn side by side (one per core), land in it together.
     with files.output_group(), files.atomic_dir(args.out_dir) as folder:
-        figures.draw_all(inputs, folder, workers=parallel.cores())
+        drawn = figures.draw_all(inputs, folder, workers=parallel.cores())
         files.write_csv_rows(args.overlay_csv, figures.overlay_rows(inputs.curves))
-    paths = [Path(args.out_dir) / name for name in figures.FIGURES]
+    paths = [Path(args.out_dir) / p.name for p in drawn]  # where the folder is now
     with tracking.evaluation_run(experiment_id, name="figures"):
         tracking.log_artifacts(paths)
     for path in paths:

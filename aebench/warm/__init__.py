@@ -65,15 +65,15 @@ def stage_folder() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) if spec else None
 
 
-def fingerprint(cwd: str) -> str:
+def fingerprint(cwd: str, version: str | None = None) -> str:
     """What the server's imports depend on, so that one that no longer matches is never used:
     the interpreter, the folder, the environment (but what DVC and the shell set per command)
-    and the code_version."""
+    and the code_version (`version`, if already known)."""
     h = hashlib.sha256(f"{sys.executable}\0{cwd}\0".encode())
     env = sorted((k, v) for k, v in os.environ.items()
                  if k not in VOLATILE and not k.startswith("DVC_"))
     h.update(json.dumps(env).encode())
-    h.update(code_version(code_folders()).encode())
+    h.update((version or code_version(code_folders())).encode())
     return h.hexdigest()[:32]
 
 

@@ -64,7 +64,7 @@ def serve(key: str, cold: int | None = None) -> tuple[socket.socket, dict, list[
     idle = idle_seconds()
     folders = code_folders()
     version = code_version(folders)  # what it imports now; the key says what its clients have
-    if fingerprint(os.getcwd()) != key:  # edited since the client looked: serve no one
+    if fingerprint(os.getcwd(), version) != key:  # edited since the client looked: serve no one
         return None
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
