@@ -29,13 +29,14 @@ def main(args) -> None:
     test_csv = f"{args.csv_dir}/{constants.CSV_NAMES['test']}"
     labels, pixels = data.read_mnist_csv(test_csv)
     dataset = tracking.eval_dataset(pixels, labels, source=test_csv)
+    test = metrics.TestSet.of_images(pixels, labels)
 
     headline, details = {}, {}
     with tracking.evaluation_run(experiment_id):
         for name, cfg in cfgs.items():
             results = []
             for r, (model, ckpt) in enumerate(loaded[name]):
-                result = metrics.evaluate_model(model, cfg, labels, pixels, noise_seed)
+                result = metrics.evaluate_model(model, cfg, test, noise_seed)
                 sha = tracking.sha256_file(f"{args.models_dir}/{name}/"
                                            f"{constants.replica_file(r)}")
                 tracking.log_evaluation(name, r, sha, metrics.flat(result), dataset)

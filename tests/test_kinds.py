@@ -108,7 +108,8 @@ def test_a_new_kind_trains_saves_loads_and_evaluates_through_the_stage_functions
         assert trained.state_dict()["encoder.1.running_var"].ne(1).any()  # BN stats were learnt
         for k, v in trained.state_dict().items():
             assert torch.equal(state[k], v), k  # parameters and BatchNorm buffers
-        result = metrics.evaluate_model(net, cfg, labels, test_x, noise_seed=5)
+        result = metrics.evaluate_model(net, cfg, metrics.TestSet.of_images(test_x, labels),
+                                        noise_seed=5)
         with torch.no_grad():  # the [0,1] MSE by hand: (tanh output + 1) / 2 against pixels / 255
             expected = ((net(test_x / 127.5 - 1) + 1) / 2 - test_x / 255).double().pow(2).mean()
         assert result["mse"] == pytest.approx(float(expected), rel=1e-5)

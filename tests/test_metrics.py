@@ -19,7 +19,7 @@ from aebench import data, files, kinds, metric_files, metrics, pca
 def test_reconstruction_metrics_by_hand():
     target = torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
     pred = torch.tensor([[0.5, 1.0], [0.0, 0.2]], dtype=torch.float64)
-    m = metrics.reconstruction_metrics(pred, target, torch.tensor([3, 7]))
+    m = metrics.reconstruction_metrics(pred, metrics.TestSet(target, [3, 7]))
     # squared errors: image 0: 0.25 + 0, image 1: 0 + 0.04; 4 pixels
     assert m["mse"] == pytest.approx(0.29 / 4, rel=1e-12)
     assert m["sse_per_image"] == pytest.approx(784 * 0.29 / 4, rel=1e-12)
@@ -34,11 +34,11 @@ def test_reconstruction_metrics_by_hand():
 def test_mse_is_not_clamped_but_bce_is():
     target = torch.tensor([[1.0, 0.0]])
     pred = torch.tensor([[1.1, -0.1]])  # overshoots both ways
-    m = metrics.reconstruction_metrics(pred, target, torch.tensor([0]))
+    m = metrics.reconstruction_metrics(pred, metrics.TestSet(target, [0]))
     assert m["mse"] == pytest.approx(0.01, rel=1e-6)
     assert m["bce"] == pytest.approx(-math.log(1 - 1e-7), rel=1e-6)  # both clamped to ~exact
-    worst = metrics.reconstruction_metrics(torch.tensor([[0.0]]), torch.tensor([[1.0]]),
-                                           torch.tensor([0]))
+    worst = metrics.reconstruction_metrics(torch.tensor([[0.0]]),
+                                           metrics.TestSet(torch.tensor([[1.0]]), [0]))
     assert worst["bce"] == pytest.approx(-math.log(1e-7))  # finite, not inf
 
 
@@ -46,8 +46,8 @@ def test_psnr_and_per_digit_omits_absent_digits():
     assert metrics.psnr(0.01) == pytest.approx(20.0)
     assert metrics.psnr(1.0) == 0.0
     assert metrics.psnr(0.0) == math.inf
-    m = metrics.reconstruction_metrics(torch.zeros(3, 4), torch.ones(3, 4) * 0.5,
-                                       torch.tensor([1, 1, 9]))
+    m = metrics.reconstruction_metrics(torch.zeros(3, 4),
+                                       metrics.TestSet(torch.ones(3, 4) * 0.5, [1, 1, 9]))
     assert set(m["mse_per_digit"]) == {"1", "9"}
 
 
@@ -177,6 +177,10 @@ class Constant(nn.Module):
         return torch.full_like(x, float(self.value))
 
 
+def as_test_set(labels, pixels):
+    return metrics.TestSet.of_images(pixels, labels)
+
+
 def batch(n=40, seed=0):
     rng = np.random.default_rng(seed)
     return rng.integers(0, 10, n, dtype=np.uint8), rng.integers(0, 256, (n, 784), dtype=np.uint8)
@@ -185,16 +189,16 @@ def batch(n=40, seed=0):
 def test_minus_one_one_outputs_are_mapped_not_clamped():
     labels = np.array([0, 1], dtype=np.uint8)
     pixels = np.full((2, 784), 255, dtype=np.uint8)
-    m = metrics.evaluate_model(Constant(1.2), cfg(pixels="-1,1"), labels, pixels, 0)
+    m = metrics.evaluate_model(Constant(1.2), cfg(pixels="-1,1"), as_test_set(labels, pixels), 0)
     assert m["mse"] == pytest.approx(0.01, rel=1e-5)  # 1.2 -> 1.1 on [0,1], target 1.0
     assert m["test_loss"] == pytest.approx(0.04, rel=1e-5)  # (1.2 - 1.0)^2 on [-1,1]
 
 
 def test_test_loss_in_source_scale():
     labels, pixels = batch()
-    m = metrics.evaluate_model(Constant(0.5), cfg(loss="half_mse"), labels, pixels, 0)
+    m = metrics.evaluate_model(Constant(0.5), cfg(loss="half_mse"), as_test_set(labels, pixels), 0)
     assert m["test_loss"] == pytest.approx(0.5 * m["mse"], rel=1e-9)
-    m = metrics.evaluate_model(Constant(0.2), cfg(pixels="-1,1"), labels, pixels, 0)
+    m = metrics.evaluate_model(Constant(0.2), cfg(pixels="-1,1"), as_test_set(labels, pixels), 0)
     assert m["test_loss"] == pytest.approx(4 * m["mse"], rel=1e-6)
 
 
@@ -204,25 +208,33 @@ def test_evaluate_model_keys(kind, noise):
     c = cfg(kind, pixels="-1,1", noise=noise)
     model = c.make().eval()
     labels, pixels = batch()
-    m = metrics.evaluate_model(model, c, labels, pixels, noise_seed=3)
+    test = as_test_set(labels, pixels)
+    m = metrics.evaluate_model(model, c, test, noise_seed=3)
     keys = {"mse", "sse_per_image", "bce", "psnr", "mse_per_digit", "test_loss"}
     if noise:
         keys |= {"denoise_mse", "noisy_input_mse"}
     assert set(m) == keys
     assert set(m["mse_per_digit"]) == {str(d) for d in np.unique(labels)}
     assert all(math.isfinite(v) for v in metrics.flat(m).values())
-    assert metrics.evaluate_model(model, c, labels, pixels, noise_seed=3) == m  # deterministic
+    assert metrics.evaluate_model(model, c, test, noise_seed=3) == m  # deterministic
 
 
 def test_noisy_input_is_the_same_noise_the_model_sees():
     labels, pixels = batch()
     c = cfg(noise=0.5)
-    m = metrics.evaluate_model(nn.Identity(), c, labels, pixels, noise_seed=5)
+    m = metrics.evaluate_model(nn.Identity(), c, as_test_set(labels, pixels), noise_seed=5)
     # an identity model returns its noisy input: denoising it gains nothing
     assert m["denoise_mse"] == m["noisy_input_mse"] > 0.01
     assert m["mse"] == pytest.approx(0, abs=1e-12)  # float32 / 255 vs float64 / 255
-    other = metrics.evaluate_model(nn.Identity(), c, labels, pixels, noise_seed=6)
+    other = metrics.evaluate_model(nn.Identity(), c, as_test_set(labels, pixels), noise_seed=6)
     assert other["noisy_input_mse"] != m["noisy_input_mse"]
+
+
+def test_chunk_rows_keeps_the_widest_activation_within_budget():
+    assert metrics.chunk_rows(cfg("mlp").make(), "0,1") == metrics.MAX_ROWS  # 784 floats a row
+    conv = kinds.validate_model("c", {**cfg("conv").model_dump(), "channels": [1, 4, 16]}).make()
+    widest = 16 * 24 * 24 * 4  # bytes of one row's feature maps after the second convolution
+    assert metrics.chunk_rows(conv, "-1,1") == metrics.CHUNK_BYTES // widest < metrics.MAX_ROWS
 
 
 # --------------------------------------------------------------------------- pca stage
