@@ -26,7 +26,9 @@ download and convert; needs MNIST_MIRROR), then two one-model experiments in eac
 (`dvc exp run -S models.under30.epochs=2`: train@under30, evaluate, figures, report; then the
 same with another learning rate). The first starts cold (the smoke run's warm server has the
 smoke's environment), the second finds the server the first started, as the next run of the
-edit-run loop does (experiment_s, experiment_again_s).
+edit-run loop does (experiment_s, experiment_again_s). A `python` first in PATH during the
+experiments times each stage command DVC runs (experiment_stages_s, experiment_again_stages_s):
+the issue's own count, the stages without DVC's bookkeeping and with nothing of the probe's.
 """
 
 from __future__ import annotations
@@ -245,10 +247,39 @@ def timed_run(argv: list[str], cwd: Path, env: dict) -> float:
     return time.monotonic() - start
 
 
+def timed_stages(argv: list[str], cwd: Path, env: dict, shim: Path) -> tuple[float, dict]:
+    """timed_run, plus the wall time of each stage command DVC ran (by the `python` of shim/,
+    first in PATH: it runs the real one and notes the stage's start and end)."""
+    log = shim / "stages.log"
+    log.unlink(missing_ok=True)
+    wall = timed_run(argv, cwd, {**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}"})
+    stages = {}
+    for line in log.read_text().splitlines():
+        start, end, stage = line.split()
+        stages[stage.removeprefix("stages.")] = round(float(end) - float(start), 2)
+    return wall, stages
+
+
+def make_shim(work: Path) -> Path:
+    shim = work / "shim"
+    shim.mkdir(exist_ok=True)
+    # `python -m aebench.warm stages.X ...`: $3 names the stage
+    (shim / "python").write_text(f"""#!/bin/sh
+start=$(date +%s.%N)
+{shlex.quote(sys.executable)} "$@"
+rc=$?
+echo "$start $(date +%s.%N) $3" >> {shlex.quote(str(shim / "stages.log"))}
+exit $rc
+""")
+    (shim / "python").chmod(0o755)
+    return shim
+
+
 def smoke(variants: list[Variant], work: Path, n: int, env: dict, rows: list, save) -> None:
     """`python -m aebench.smoke` of each tree, then the one-model experiment in its copy."""
     if not env.get("MNIST_MIRROR"):
         raise SystemExit("--smoke: set MNIST_MIRROR (the smoke run downloads MNIST from it)")
+    shim = make_shim(work)
     for i in range(n):
         for v in (v for v in variants if not v.server):
             copy = work / f"smoke-{v.label}"
@@ -257,15 +288,18 @@ def smoke(variants: list[Variant], work: Path, n: int, env: dict, rows: list, sa
             wall = timed_run([sys.executable, "-m", "aebench.smoke", str(copy)], v.tree, run_env)
             # not the smoke run's warm server: that one has the smoke's environment (its own
             # MLflow store), so the first experiment's first stage starts cold
-            exp = timed_run(EXPERIMENT, copy, run_env)
-            again = timed_run(AGAIN, copy, run_env)
+            exp, exp_stages = timed_stages(EXPERIMENT, copy, run_env, shim)
+            again, again_stages = timed_stages(AGAIN, copy, run_env, shim)
             subprocess.run([sys.executable, "-m", "aebench.warm", "--stop"], cwd=copy,
                            env=run_env, capture_output=True)  # a tree without it: an error
             rows.append({"variant": v.label, "repeat": i, "smoke_s": round(wall, 2),
                          "experiment_s": round(exp, 2), "experiment_again_s": round(again, 2),
-                         "load_1min": load})
+                         "experiment_stages_s": exp_stages,
+                         "experiment_again_stages_s": again_stages, "load_1min": load})
             print(f"smoke {v.label}: {wall:.1f} s; one-model experiment {exp:.1f} s, "
-                  f"again {again:.1f} s (load {load:.2f})", flush=True)
+                  f"again {again:.1f} s (its stage commands: "
+                  + ", ".join(f"{k} {t:.2f}" for k, t in again_stages.items())
+                  + f"; load {load:.2f})", flush=True)
             save()
 
 
