@@ -255,7 +255,8 @@ def timed_stages(argv: list[str], cwd: Path, env: dict, shim: Path) -> tuple[flo
     wall = timed_run(argv, cwd, {**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}"})
     stages = {}
     for line in log.read_text().splitlines():
-        start, end, stage = line.split()
+        start, end, *args = line.split()
+        stage = next(a for a in args if a.startswith("stages."))
         stages[stage.removeprefix("stages.")] = round(float(end) - float(start), 2)
     return wall, stages
 
@@ -263,12 +264,12 @@ def timed_stages(argv: list[str], cwd: Path, env: dict, shim: Path) -> tuple[flo
 def make_shim(work: Path) -> Path:
     shim = work / "shim"
     shim.mkdir(exist_ok=True)
-    # `python -m aebench.warm stages.X ...`: $3 names the stage
+    # `python -m aebench.warm stages.X ...` (or, in older trees, `python -m stages.X ...`)
     (shim / "python").write_text(f"""#!/bin/sh
 start=$(date +%s.%N)
 {shlex.quote(sys.executable)} "$@"
 rc=$?
-echo "$start $(date +%s.%N) $3" >> {shlex.quote(str(shim / "stages.log"))}
+echo "$start $(date +%s.%N) $2 $3" >> {shlex.quote(str(shim / "stages.log"))}
 exit $rc
 """)
     (shim / "python").chmod(0o755)
