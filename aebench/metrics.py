@@ -7,6 +7,7 @@ the metrics files keep (6 significant) do not depend on float32 summation order.
 
 from __future__ import annotations
 
+import inspect
 import math
 from functools import cached_property
 from typing import Any
@@ -104,13 +105,14 @@ def reconstruction_metrics(pred01: torch.Tensor, test: TestSet) -> dict[str, Any
 
 
 # Rows per forward pass in evaluation: as many as keep one chunk's widest activation within
-# CHUNK_BYTES, at most MAX_ROWS (reconstruct's own default). Only the speed depends on it for a
-# conv model: conv16's 16 x 24 x 24 maps fill 74 MB at 2,000 rows, and its pass over the test set
-# took 1.5 s there against 0.8 s at 400-625 rows (2-core EPYC, 32 MB L3), the same bits at every
-# size tried. Not so for a linear layer (its matrix product's blocking follows the rows): every
-# MLP here stays at MAX_ROWS, so its outputs are the bits they always were.
+# CHUNK_BYTES, at most MAX_ROWS (reconstruct's own default, read from it). Only the speed
+# depends on it for a conv model: conv16's 16 x 24 x 24 maps fill 74 MB at 2,000 rows, and its
+# pass over the test set took 1.5 s there against 0.8 s at 400-625 rows (2-core EPYC, 32 MB
+# L3), the same bits at every size tried. Not so for a linear layer (its matrix product's
+# blocking follows the rows): every MLP here stays at MAX_ROWS, so its outputs are the bits
+# they always were.
 CHUNK_BYTES = 16 * 2**20
-MAX_ROWS = 2000
+MAX_ROWS = inspect.signature(reconstruct).parameters["batch_size"].default
 
 
 def chunk_rows(model: nn.Module, pixels: str) -> int:
