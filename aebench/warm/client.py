@@ -79,9 +79,9 @@ def stop_all(place: Place, keep: str | None = None) -> int:
         if name == keep:
             continue
         if (sock := connect(place, name)) is not None:
-            with sock:
+            with sock, contextlib.suppress(OSError):  # OSError: it died meanwhile
                 sock.send(json.dumps({"stop": True}).encode())
-            told += 1
+                told += 1
             continue
         with place.locked(), contextlib.suppress(OSError):  # none listens: a killed server's
             if (again := connect(place, name)) is None:

@@ -60,8 +60,13 @@ class Place:
 
     def names(self) -> list[str]:
         """The sockets of this project folder's servers (live or left by a killed one)."""
-        return sorted(n for n in os.listdir(self.fd) if n.startswith(f"{self.prefix}-")
-                      and stat.S_ISSOCK(self.identity(n, full=True)[0]))
+        names = []
+        for name in sorted(os.listdir(self.fd)):
+            with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+                if name.startswith(f"{self.prefix}-") and \
+                        stat.S_ISSOCK(self.identity(name, full=True)[0]):
+                    names.append(name)
+        return names
 
     def identity(self, name: str, full: bool = False) -> tuple[int, ...]:
         st = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
