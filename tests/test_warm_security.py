@@ -305,8 +305,8 @@ def limited(root: Path, prefix: str, out: Path, warm_on: bool, *args: str) -> di
 
 
 def prefix_of(name: str, cgroup: Path | None) -> str:
-    if name == "taskset" and len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("one CPU: no other affinity to give a command")
+    if name == "taskset" and (len(os.sched_getaffinity(0)) < 2 or not shutil.which("taskset")):
+        pytest.skip("one CPU (no other affinity to give a command), or no taskset")
     if name == "cgroup" and cgroup is None:
         pytest.skip("no cgroup v2 here that a test may create (cgroup delegation not allowed)")
     return LIMITS[name][0].format(cgroup=cgroup)
@@ -334,8 +334,8 @@ def test_a_command_under_other_limits_than_its_servers_runs_under_its_own(
 def test_a_server_started_under_limits_forks_stages_under_exactly_them(
         project, tmp_path, cgroup):
     """All six at once, with a server started under them (it replaces the module's)."""
-    names = [n for n in LIMITS if not (n == "cgroup" and cgroup is None)
-             and not (n == "taskset" and len(os.sched_getaffinity(0)) < 2)]
+    names = [n for n in LIMITS if not (n == "cgroup" and cgroup is None) and not (
+        n == "taskset" and (len(os.sched_getaffinity(0)) < 2 or not shutil.which("taskset")))]
     shell = [LIMITS[n][0].format(cgroup=cgroup).removesuffix("exec").rstrip("; ")
              for n in names if LIMITS[n][0].endswith("exec")]
     wrappers = [LIMITS[n][0].removeprefix("exec ") for n in names
