@@ -116,7 +116,8 @@ def prepare(v: Variant, work: Path, csv_dir: Path, limit: int, epochs: int, repl
                     str(replicas)], cwd=v.tree, check=True, env=base_env)
     (v.project / "data").mkdir(exist_ok=True)
     (v.project / "data" / "csv").symlink_to(csv_dir.resolve())
-    shutil.copy(PROBE, v.project / PROBE.name)  # importable there, for aebench.warm to run
+    # one of the project's stages there: what aebench.warm runs (this tree's runs nothing else)
+    shutil.copy(PROBE, v.project / "stages" / PROBE.name)
     v.env = {**base_env, "STAGE_PROBE_OUT": str(v.project / ".probe.json")}
     if v.cold:
         v.env["AEBENCH_WARM"] = "0"
@@ -142,13 +143,14 @@ def prepare(v: Variant, work: Path, csv_dir: Path, limit: int, epochs: int, repl
 
 def probe(v: Variant, stage: str, argv: list[str]) -> dict:
     """One run of the stage under the probe, as its dvc.yaml command runs it: `python -m
-    stages.X` under benchmarks/stage_probe.py, or through aebench.warm (the probe is then the
-    module the server's fork runs; the server is started, untimed, before)."""
+    stages.X` under benchmarks/stage_probe.py, or through aebench.warm (the probe, copied into
+    the project's stages/, is then the stage the server's fork runs; the server is started,
+    untimed, before)."""
     out = Path(v.env["STAGE_PROBE_OUT"])
     out.unlink(missing_ok=True)
     warm = is_warm(argv)
     if warm:
-        cmd = [sys.executable, "-m", "aebench.warm", PROBE.stem, *argv[1:]]
+        cmd = [sys.executable, "-m", "aebench.warm", f"stages.{PROBE.stem}", *argv[1:]]
         if not v.cold:
             subprocess.run([sys.executable, "-m", "aebench.warm", "--start"], cwd=v.project,
                            env=v.env, check=True, stdout=subprocess.DEVNULL)

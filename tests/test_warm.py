@@ -21,10 +21,10 @@ import pytest
 import torch
 from conftest import REPO
 
-from aebench.warm.client import connect
+from aebench.warm.place import connect, open_place
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open") or sys.platform != "linux",
-                                reason="the warm server needs Linux (abstract sockets, pidfds)")
+                                reason="the warm server needs Linux (pidfds, /proc)")
 
 MARKER = f"AEBENCH_TEST_WARM={os.getpid()}"  # in the environment of the servers started here
 TOY = '''"""python -m stages.toy MODE OUT: report what the stage sees, sleep, fail or die."""
@@ -64,10 +64,7 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("toy")
-    (root / "stages").mkdir()
-    (root / "stages" / "__init__.py").write_text("")
-    (root / "stages" / "toy.py").write_text(TOY)
+    root = toy_root(tmp_path_factory.mktemp("toy"))
     assert run(root, "--start", warm_on=True).returncode == 0
     yield root
     for pid in servers().values():  # they would wait AEBENCH_WARM_IDLE for the next stage
@@ -197,23 +194,48 @@ def test_a_stage_whose_server_is_killed_still_ends_as_it_should(tmp_path):
     assert (tmp_path / "pid.cleaned").exists()
 
 
-def test_an_edit_is_never_served_by_the_old_imports(toy, tmp_path):
+@pytest.mark.parametrize("keep_time", [False, True])
+def test_an_edit_is_never_served_by_the_old_imports(toy, tmp_path, keep_time):
+    """Nor one of the same size whose time is put back (`cp -p`, `rsync -a`, `tar`)."""
     key = key_of(toy)
     stage = toy / "stages" / "toy.py"
-    stage.write_text(stage.read_text().replace('print("to stdout")', 'print("edited")'))
+    before = stage.stat()
+    stage.write_text(TOY.replace('print("to stdout")', 'print("to STDOUT")'))
+    if keep_time:
+        os.utime(stage, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert (stage.stat().st_size, stage.stat().st_mtime_ns) == \
+            (before.st_size, before.st_mtime_ns)
     try:
         assert key_of(toy) != key
         proc = run(toy, "stages.toy", "report", str(tmp_path / "r.json"), warm_on=True)
-        assert proc.stdout == "edited\n"
+        assert proc.stdout == "to STDOUT\n"
     finally:
         stage.write_text(TOY)
 
 
+@pytest.mark.parametrize("warm_on", [False, True])
+def test_a_stage_run_from_a_subfolder_says_run_from_the_project_root(toy, warm_on):
+    (toy / "sub").mkdir(exist_ok=True)
+    proc = run(toy / "sub", "stages.toy", "report", "x", warm_on=warm_on)
+    assert (proc.returncode, proc.stderr) == (
+        1, f"error: stages.toy: no stages/toy.py in {toy / 'sub'}: run from the project root "
+           "(the folder with dvc.yaml)\n")
+
+
 def toy_root(root: Path) -> Path:
+    """A project: stages/toy.py, and .dvc/ (where the servers' private folder goes)."""
     (root / "stages").mkdir(parents=True)
+    (root / ".dvc").mkdir()
     (root / "stages" / "__init__.py").write_text("")
     (root / "stages" / "toy.py").write_text(TOY)
     return root
+
+
+def listens(root: Path, key: str) -> bool:
+    """Whether a server of `root` for `key` accepts connections."""
+    with open_place(str(root)) as place:
+        sock = connect(place, place.name(key))
+    return sock is not None and sock.close() is None
 
 
 def test_the_server_exits_when_idle_and_a_command_starts_one_when_none_runs(tmp_path):
@@ -247,7 +269,7 @@ def test_a_long_cold_stage_keeps_its_server_up_for_the_next_stage(tmp_path):
     wait_for(out.exists, 30)
     assert int(out.read_text()) == cold.pid  # no server yet: it runs in its command
     key = key_of(root, AEBENCH_WARM_IDLE="1")
-    wait_for(lambda: (sock := connect(key)) and sock.close() is None, 60)  # it listens
+    wait_for(lambda: listens(root, key), 60)  # it listens
     time.sleep(3)  # three times its idle time
     cold.send_signal(signal.SIGINT)
     assert cold.wait(timeout=30) == 130
@@ -266,7 +288,8 @@ def test_a_server_exits_on_stop_or_once_its_code_or_folder_is_gone_long_before_i
         keys[root] = key_of(root, **idle)
         assert keys[root] in servers()
     proc = run(stopped, "--stop", warm_on=True, **idle)
-    assert proc.stderr == "aebench.warm: this folder's server exits once its stages have ended\n"
+    assert proc.stderr == ("aebench.warm: 1 server(s) of this folder exit once their stages "
+                           "have ended\n")
     stage = edited / "stages" / "toy.py"
     stage.write_text(stage.read_text() + "# edited\n")
     shutil.rmtree(removed)
@@ -275,6 +298,24 @@ def test_a_server_exits_on_stop_or_once_its_code_or_folder_is_gone_long_before_i
     again = run(stopped, "--stop", warm_on=True, **idle)
     assert (again.returncode, again.stderr) == (0, "aebench.warm: no server runs for this "
                                                    "folder\n")
+
+
+def test_a_folder_keeps_one_idle_server_and_stop_ends_every_one(tmp_path):
+    """Another environment's server replaces the folder's idle one once it has imported, and
+    `--stop` from any environment ends the folder's servers, whatever theirs."""
+    root = toy_root(tmp_path / "one")
+    first, second = {"AEBENCH_TEST_ENV": "1"}, {"AEBENCH_TEST_ENV": "2"}
+    assert run(root, "--start", warm_on=True, **first).returncode == 0
+    old = servers()[key_of(root, **first)]
+    assert run(root, "--start", warm_on=True, **second).returncode == 0
+    new = servers()[key_of(root, **second)]
+    wait_for(lambda: not alive(old), 30)
+    proc = run(root, "--stop", warm_on=True, AEBENCH_TEST_ENV="3")  # none of its own
+    assert proc.stderr == ("aebench.warm: 1 server(s) of this folder exit once their stages "
+                           "have ended\n")
+    wait_for(lambda: not alive(new), 30)
+    with open_place(str(root)) as place:
+        assert place.names() == []  # each removed its socket
 
 
 def test_a_bad_idle_time_is_named():
@@ -287,6 +328,7 @@ def test_a_bad_idle_time_is_named():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_warm_stage_can_use_the_gpu(toy, tmp_path):
     # The server never initializes CUDA, so its forks can
+    assert run(toy, "--start", warm_on=True).returncode == 0  # an edit test replaced it
     for proc in both(toy, "stages.toy", "cuda", str(tmp_path / "d")).values():
         assert proc.returncode == 0, proc.stderr
         assert (tmp_path / "d").read_text() == "cuda:0"

@@ -14,14 +14,22 @@ The stage's process is the server's child, so this command stays in its place: i
 stage its stdin, stdout and stderr (a terminal stays a terminal), forwards SIGINT, SIGTERM and
 SIGHUP to it, and exits with its status. If this command dies, the stage gets SIGTERM.
 
-The server is one per project folder, interpreter, environment and version of the code (a
-hash of every .py file's size and time under aebench/ and stages/): an edit starts a new one.
-It stays up while a stage it forked, or the cold stage that started it, runs, and exits 10 min
+Who can use a server (place.py, guard.py): its socket is a file in a folder only its user can
+enter, and it runs only its own user's requests (the peer's uid), only this project's stages
+(`stages.NAME`, stages/NAME.py of the folder it serves), in that folder. A forked stage inherits
+the server's limits, so a server serves only commands whose limits are its own (`fingerprint`:
+rlimits, umask, CPU affinity, nice, cgroup and the rest of `inherited`): a command under other
+limits runs cold, as `python -m stages.X` would, and starts the server for them.
+
+A server serves one project folder, interpreter, environment, set of limits and version of the
+code (a hash of every .py file's bytes under aebench/ and stages/): anything else starts a new
+one, which tells the folder's others to exit (at most one idle server per folder and user). It
+stays up while a stage it forked, or the cold stage that started it, runs, and exits 10 min
 after the last one ended (AEBENCH_WARM_IDLE), so that the next `dvc repro` or `dvc exp run` in
 the folder starts warm too; sooner once its code no longer matches the folder's (an edit, an
-install, the folder removed), and on `python -m aebench.warm --stop`. AEBENCH_WARM=0, or an OS
-without Linux's abstract sockets and pidfds, runs the stage in this process instead, as `python
--m stages.X` would.
+install, the folder removed), and on `python -m aebench.warm --stop` (every server of the
+folder). AEBENCH_WARM=0, an OS without pidfds, or a folder with no private place for the
+socket (place.py) runs the stage in this process instead, as `python -m stages.X` would.
 """
 
 from __future__ import annotations
@@ -30,10 +38,13 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import struct
 import sys
 import sysconfig
 from pathlib import Path
+
+from .inherited import inherited
 
 # How long an idle server waits for the next stage; AEBENCH_WARM_IDLE sets another. Long enough
 # for the edit between two runs (an experiment's first stage then starts warm too): what it
@@ -42,10 +53,11 @@ IDLE_S = 600.0
 CHECK_S = 5.0  # how often an idle server checks that its code is still the folder's
 STATUS = struct.Struct("q")  # the stage's pid, then its exit code (-N: killed by signal N)
 VOLATILE = ("_", "PWD", "OLDPWD", "SHLVL")  # what a shell changes between commands
+STAGE = re.compile(r"stages\.([A-Za-z][A-Za-z0-9_]*)")  # what a server runs: stages.NAME
 
 
 def available() -> bool:
-    """Linux (abstract sockets, pidfds), and not switched off (AEBENCH_WARM=0)."""
+    """Linux (pidfds, /proc), and not switched off (AEBENCH_WARM=0)."""
     return (sys.platform == "linux" and hasattr(os, "pidfd_open")
             and os.environ.get("AEBENCH_WARM", "1") != "0" and idle_seconds() > 0)
 
@@ -65,14 +77,22 @@ def stage_folder() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) if spec else None
 
 
+def is_stage(folder: str, module: str) -> bool:
+    """Whether `module` is one of the stages of the project in `folder`: stages.NAME, with
+    folder/stages/NAME.py a file."""
+    match = STAGE.fullmatch(module)
+    return bool(match) and Path(folder, "stages", f"{match[1]}.py").is_file()
+
+
 def fingerprint(cwd: str, version: str | None = None) -> str:
-    """What the server's imports depend on, so that one that no longer matches is never used:
-    the interpreter, the folder, the environment (but what DVC and the shell set per command)
-    and the code_version (`version`, if already known)."""
+    """What the server's imports and its forks depend on, so that one that no longer matches is
+    never used: the interpreter, the folder, the environment (but what DVC and the shell set
+    per command), what a forked stage inherits (`inherited`: limits, umask, affinity, nice,
+    cgroup, ...) and the code_version (`version`, if already known)."""
     h = hashlib.sha256(f"{sys.executable}\0{cwd}\0".encode())
     env = sorted((k, v) for k, v in os.environ.items()
                  if k not in VOLATILE and not k.startswith("DVC_"))
-    h.update(json.dumps(env).encode())
+    h.update(json.dumps([env, inherited()]).encode())
     h.update((version or code_version(code_folders())).encode())
     return h.hexdigest()[:32]
 
@@ -83,17 +103,17 @@ def code_folders() -> list[Path]:
 
 
 def code_version(folders: list[Path]) -> str:
-    """Every .py file's size and time in `folders` and the installed packages' folder's time
-    (which an install changes). OSError if a folder is gone."""
+    """A hash of every .py file's path and bytes in `folders` (~0.3 MB, 1.5-9 ms), and of the
+    installed packages' folder's time (which an install changes). OSError if a folder is
+    gone."""
     h = hashlib.sha256()
-    files = [Path(sysconfig.get_paths()["purelib"]), *folders]
+    purelib = os.stat(sysconfig.get_paths()["purelib"])
+    h.update(f"{purelib.st_mtime_ns}\0".encode())
     for folder in folders:
-        files += sorted(folder.rglob("*.py"))
-    for path in files:
-        st = path.stat()
-        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder")
+        for path in sorted(folder.rglob("*.py")):
+            data = path.read_bytes()
+            h.update(f"{path}\0{len(data)}\0".encode())
+            h.update(data)
     return h.hexdigest()
-
-
-def address(key: str) -> bytes:
-    return b"\0aebench-warm-" + key.encode()  # Linux's abstract namespace: no file to clean

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,16 +12,17 @@ import sys
 import time
 
 from .. import cli
-from . import STATUS, address, fingerprint
+from . import STATUS, fingerprint
+from .place import Place, Unsafe, connect, open_place
 
 
-def connect(key: str) -> socket.socket | None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def place_here(cwd: str, module: str = "stages") -> Place | None:
+    """This folder's private place for servers; None, after one line on stderr if it is not
+    private, where there is none: `module` then runs cold."""
     try:
-        sock.connect(address(key))
-        return sock
-    except OSError:
-        sock.close()
+        return open_place(cwd)
+    except Unsafe as e:
+        print(f"aebench.warm: not using {e}; {module} runs cold", file=sys.stderr)
         return None
 
 
@@ -36,16 +38,20 @@ def start_server(key: str, cwd: str, cold: int | None = None) -> subprocess.Pope
 def start(cwd: str, timeout: float = 120.0) -> bool:
     """Start this folder's server unless one runs, and wait until it has imported everything
     (for `make smoke`, benchmarks and tests); whether it serves."""
-    key = fingerprint(cwd)
-    deadline = time.monotonic() + timeout
-    server = None
-    while (sock := connect(key)) is None:
-        server = server or start_server(key, cwd)
-        if server.poll() is not None:  # exit 0: another server has the address, or the code
-            deadline = min(deadline, time.monotonic() + 1.0)  # changed meanwhile: none then
-        if server.poll() or time.monotonic() > deadline:  # it failed, or is too slow
-            return False
-        time.sleep(0.05)
+    place = place_here(cwd)
+    if place is None:
+        return False
+    with place:
+        key = fingerprint(cwd)
+        deadline = time.monotonic() + timeout
+        server = None
+        while (sock := connect(place, place.name(key))) is None:
+            server = server or start_server(key, cwd)
+            if server.poll() is not None:  # exit 0: another server has the address, or the
+                deadline = min(deadline, time.monotonic() + 1.0)  # code changed: none then
+            if server.poll() or time.monotonic() > deadline:  # it failed, or is too slow
+                return False
+            time.sleep(0.05)
     with sock:
         sock.settimeout(max(0.0, deadline - time.monotonic()))
         try:
@@ -55,22 +61,48 @@ def start(cwd: str, timeout: float = 120.0) -> bool:
             return False
 
 
-def stop(cwd: str) -> bool:
-    """Ask this folder's server (the one this environment's commands use) to exit once the
-    stages under way have ended; whether there was one."""
-    sock = connect(fingerprint(cwd))
-    if sock is None:
-        return False
-    with sock:
-        sock.send(json.dumps({"stop": True}).encode())
-    return True
+def stop(cwd: str) -> int:
+    """Ask every server of this folder (whatever environment or limits it serves) to exit once
+    the stages under way have ended; how many there were."""
+    place = place_here(cwd)
+    if place is None:
+        return 0
+    with place:
+        return stop_all(place)
+
+
+def stop_all(place: Place, keep: str | None = None) -> int:
+    """Tell every server of `place`'s folder but `keep` to exit once its stages have ended, and
+    remove the sockets of killed ones; how many were told."""
+    told = 0
+    for name in place.names():
+        if name == keep:
+            continue
+        if (sock := connect(place, name)) is not None:
+            with sock, contextlib.suppress(OSError):  # OSError: it died meanwhile
+                sock.send(json.dumps({"stop": True}).encode())
+                told += 1
+            continue
+        with place.locked(), contextlib.suppress(OSError):  # none listens: a killed server's
+            if (again := connect(place, name)) is None:
+                os.unlink(name, dir_fd=place.fd)
+            else:
+                again.close()
+    return told
 
 
 def run_warm(module: str, args: list[str]) -> int | None:
     """Run the stage in a fork of the server; its exit code, or None if no server took it."""
     cwd = os.getcwd()
-    key = fingerprint(cwd)
-    sock = connect(key)
+    place = place_here(cwd, module)
+    if place is None:
+        return None
+    with place:
+        try:
+            key = fingerprint(cwd)
+        except OSError:  # a file of the code went away while hashed: an edit under way
+            return None
+        sock = connect(place, place.name(key))
     if sock is None:  # none: this stage runs cold, and a server imports alongside it
         start_server(key, cwd, cold=os.getpid())
         return None

@@ -16,19 +16,14 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 from .. import cli
-from . import (
-    CHECK_S,
-    STATUS,
-    address,
-    code_folders,
-    code_version,
-    fingerprint,
-    idle_seconds,
-    stage_folder,
-)
-from .client import connect, exit_as
+from . import CHECK_S, STATUS, code_folders, code_version, fingerprint, idle_seconds, stage_folder
+from .client import exit_as, stop_all
+from .guard import Refusals, bad_request, stranger
+from .inherited import inherited
+from .place import Place, Unsafe, bind, connect, open_place, still_bound, unbind
 
 
 def preload() -> None:
@@ -62,42 +57,69 @@ def serve(key: str, cold: int | None = None) -> tuple[socket.socket, dict, list[
     `cold`: the pid of the stage that started this server and runs cold meanwhile (for
     minutes, maybe): the server stays up until it has ended, for the stage after it."""
     idle = idle_seconds()
+    folder = os.getcwd()
     folders = code_folders()
     version = code_version(folders)  # what it imports now; the key says what its clients have
-    if fingerprint(os.getcwd(), version) != key:  # edited since the client looked: serve no one
+    if fingerprint(folder, version) != key:  # edited since the client looked: serve no one
         return None
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if stage_folder() != Path(folder, "stages"):  # not a project's root: nothing to serve
+        return None
     try:
-        listener.bind(address(key))
-    except OSError:  # another server has it: that one waits for this stage then
-        if cold:
-            tell(key, cold)
+        place = open_place(folder)
+    except Unsafe:
         return None
-    # Listening before the imports: a command that comes meanwhile waits for them (they are
-    # under way: sooner than its own) instead of running cold.
-    listener.listen(64)
+    if place is None:
+        return None
+    with place:
+        name = place.name(key)
+        bound = bind(place, name)
+        if bound is None:  # another server has it: that one waits for this stage then
+            if cold:
+                tell(place, name, cold)
+            return None
+    listener, identity = bound
+    try:
+        return loop(listener, name, identity, folder, folders, version, idle, cold)
+    finally:
+        if listener.fileno() >= 0:  # the server's end (the forked child has closed it)
+            unbind(folder, name, identity)
+            listener.close()
+
+
+def loop(listener: socket.socket, name: str, identity: tuple[int, ...], folder: str,
+         folders: list, version: str, idle: float, cold: int | None
+         ) -> tuple[socket.socket, dict, list[int]] | None:
+    before = inherited()
     preload()
+    if inherited() != before:  # the imports changed a limit its forks would inherit: they
+        return None  # would not run under their commands' limits, so serve none
+    with contextlib.suppress(OSError, Unsafe):  # ready: at most one server per folder, the
+        if (place := open_place(folder)) is not None:  # others end once their stages have
+            with place:
+                stop_all(place, keep=name)
     os.chdir("/")  # hold no folder; each stage changes to its own
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ)
+    refusals = Refusals(folder)
     # the stages under way, by pidfd: (pid, connection) of a stage forked here, whose command
     # waits for its exit status; (pid, None) of a stage that runs cold
     stages: dict[int, tuple[int, socket.socket | None]] = {}
 
     def watch(pid: int, conn: socket.socket | None = None) -> None:
-        with contextlib.suppress(ProcessLookupError):  # a cold stage may have ended already
+        with contextlib.suppress(OSError):  # a cold stage may have ended already
             pidfd = os.pidfd_open(pid)
             stages[pidfd] = pid, conn
             sel.register(pidfd, selectors.EVENT_READ)
 
-    def stale() -> bool:
+    def stale() -> bool:  # its code changed, its folder or its socket is gone
         try:
-            return code_version(folders) != version
-        except OSError:  # the folder is gone
+            return code_version(folders) != version or not still_bound(folder, name, identity)
+        except OSError:
             return True
 
     def stop_listening() -> None:  # the next command starts a new server
         sel.unregister(listener)
+        unbind(folder, name, identity)
         listener.close()
 
     if cold:
@@ -120,22 +142,40 @@ def serve(key: str, cold: int | None = None) -> tuple[socket.socket, dict, list[
                         conn.send(STATUS.pack(os.waitstatus_to_exitcode(status)))
                 continue
             conn, _ = listener.accept()
+            if why := stranger(conn):  # another user: read nothing of it
+                refusals.refuse(conn, [], why)
+                continue
             try:
                 msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+            except OSError:
+                conn.close()
+                continue
+            if not msg:  # connected and closed, asking nothing: a check that a server listens
+                for fd in fds:
+                    os.close(fd)
+                conn.close()
+                continue
+            try:
                 request = json.loads(msg)
-            except (OSError, ValueError):
+            except ValueError:
+                request = msg[:200]
+            control = isinstance(request, dict) and {"cold", "stop", "ping"} & set(request)
+            if not control and (why := bad_request(request, fds, folder)):
+                refusals.refuse(conn, fds, why)
+                continue
+            if control:
+                for fd in fds:
+                    os.close(fd)
+                if type(request.get("cold")) is int and request["cold"] > 0:
+                    watch(request["cold"])
+                elif "stop" in request and listener.fileno() >= 0:  # end once the stages
+                    stop_listening()  # under way have
+                elif "ping" in request:  # --start: the imports are done
+                    with contextlib.suppress(OSError):
+                        conn.send(STATUS.pack(0))
                 conn.close()
                 continue
-            if "cold" in request:
-                watch(request["cold"])
-            elif "stop" in request:  # end once the stages under way have
-                stop_listening()
-            elif "ping" in request:  # --start: the imports are done
-                with contextlib.suppress(OSError):
-                    conn.send(STATUS.pack(0))
-            if "module" not in request:
-                conn.close()
-                continue
+            refusals.tell(fds[2])
             pid = os.fork()
             if pid == 0:  # the stage's process: keep only its own connection and fds
                 sel.close()
@@ -153,15 +193,15 @@ def serve(key: str, cold: int | None = None) -> tuple[socket.socket, dict, list[
     return None
 
 
-def tell(key: str, cold: int) -> None:
-    """Ask the server at `key` to stay up until the cold stage `cold` ends; while it binds,
+def tell(place: Place, name: str, cold: int) -> None:
+    """Ask the server at `name` to stay up until the cold stage `cold` ends; while it binds,
     try again until it listens (or the stage has ended)."""
     try:
         pidfd = os.pidfd_open(cold)
     except ProcessLookupError:
         return
     try:
-        while (sock := connect(key)) is None:
+        while (sock := connect(place, name)) is None:
             if select.select([pidfd], [], [], 0.1)[0]:
                 return
         with sock:
