@@ -613,6 +613,27 @@ def test_make_ui_opens_the_last_runs_store_in_the_model_training_view(store, tmp
     assert "STORE=" in capsys.readouterr().err
 
 
+def test_make_ui_on_a_taken_port_says_so_in_one_line_and_fails(store, monkeypatch, capsys):
+    from aebench.tracking import ui
+
+    ran = []
+    monkeypatch.setattr(ui.os, "execvp", lambda file, args: ran.append(args))
+    with socket.socket() as other:  # another program listens on the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert ui.main([str(store[1]), "--port", str(port)]) == 1
+    out, err = capsys.readouterr()
+    assert err == (f"error: --port {port}: 127.0.0.1:{port} is taken by another program; stop "
+                   "it, or choose another port (make ui PORT=5001)\n")
+    assert out == "" and ran == []  # no address that would point at the other program
+    # free again: the UI starts there
+    assert ui.main([str(store[1]), "--port", str(port)]) is None and len(ran) == 1
+    with pytest.raises(SystemExit) as exit_:
+        ui.main(["--port", "70000"])
+    assert exit_.value.code == 2 and "70000 is not a TCP port" in capsys.readouterr().err
+
+
 def test_the_saved_view_lists_the_models_best_first(store, trained):
     from aebench.tracking import ui
 

@@ -13,8 +13,10 @@ of all runs, in the "Model training" view, then runs `mlflow ui` on it.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -94,6 +96,43 @@ def runs_address(port: int, experiment_id: str | None, *, view: bool = False,
     return f"{base}/{experiment_id}/runs?{urlencode(query)}"
 
 
+def port_taken(port: int, host: str = HOST) -> bool:
+    """Whether another program already listens on host:port. The MLflow server binds it as
+    uvicorn does (SO_REUSEADDR: a port left in TIME_WAIT by the last UI counts as free), and
+    when it cannot it logs "Address already in use" and exits 0: so this is asked first."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def port_error(port: int) -> str | None:
+    """Why the UI cannot listen on HOST:port (one line), or None."""
+    try:
+        if not port_taken(port):
+            return None
+    except OSError as err:
+        return f"--port {port}: {HOST}:{port} cannot be bound: {err.strerror}"
+    return (f"--port {port}: {HOST}:{port} is taken by another program; stop it, or choose "
+            "another port (make ui PORT=5001)")
+
+
+def tcp_port(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port; use 1..65535")
+    return port
+
+
 @store_errors()
 def _experiment_id(uri: str) -> str | None:
     import mlflow
@@ -107,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make ui", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store", nargs="?", help="a folder with mlflow.db, a .db file or a URI")
-    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--port", type=tcp_port, default=5000)
     args = parser.parse_args(argv)
     try:
         uri = store_uri(args.store)
@@ -116,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     path = sqlite_path(uri)
+    error = port_error(args.port) if path is not None else None  # before any address
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"MLflow store: {uri}" + ("" if args.store else " (the last run's; make ui STORE=... "
                                     "for another)"))
     if path is None:
