@@ -405,10 +405,12 @@ def test_the_evaluation_run_holds_the_results_and_the_report(store, trained, tmp
     assert children["deep3-eval"].data.metrics == {
         "test_mse": 0.03, "test_mse_std": 0.001, "test_sse_per_image": 23.52,
         "test_sse_per_image_std": 0.784, "test_loss": 0.12, "test_loss_std": 0.004,
-        "pca_mse": 0.05}
+        "pca_mse": 0.05, "mse_over_pca": 0.6, "mse_over_best": 30.0}
     assert children["conv16-eval"].data.metrics == {  # no pca_mse: PCA at 784 is exact
         "test_mse": 0.001, "test_mse_std": 0.0002, "test_sse_per_image": 0.784,
-        "test_sse_per_image_std": 0.1568}
+        "test_sse_per_image_std": 0.1568, "mse_over_best": 1.0}
+    # the worst made first: newest first (the UI's default order) lists them best first
+    assert children["deep3-eval"].info.start_time <= children["conv16-eval"].info.start_time
     deep3 = children["deep3-eval"].data.tags
     assert (deep3["model"], deep3["replicas"], deep3["stage"]) == ("deep3", "2", "evaluate")
     assert deep3["mlflow.runColor"] == "#1f77b4"  # its replicas' colour
@@ -421,10 +423,16 @@ def test_the_evaluation_run_holds_the_results_and_the_report(store, trained, tmp
     assert [a.path for a in client.list_artifacts(run_id, "metrics")] == ["metrics/models.json"]
     table = client.load_table(store[0], "headline.json", run_ids=[run_id])
     assert list(table["model"]) == ["conv16", "deep3"]  # best first
-    assert list(table.columns[:8]) == ["model", "test_mse", "test_mse_std", "latent_dim", "pca_k",
-                                       "pca_mse", "mse_over_pca", "beats_pca"]
+    assert list(table.columns[:9]) == ["rank", "model", "test_mse", "test_mse_std",
+                                       "mse_over_best", "test_sse_per_image",
+                                       "test_sse_per_image_std", "test_loss", "test_loss_std"]
+    assert list(table.columns[9:]) == ["mse_over_pca", "beats_pca", "pca_mse", "pca_k",
+                                       "latent_dim", "n"]
+    assert list(table["rank"]) == [1, 2] and list(table["mse_over_best"]) == [1.0, 30.0]
     assert list(table["beats_pca"]) == ["n/a (PCA exact)", "yes"]
     assert table["test_loss"].tolist() == [0.001, 0.12]  # conv16's loss is the mse itself
+    # no null: where PCA is exact there is no ratio, and the cell says why
+    assert table["mse_over_pca"][0] == "n/a: PCA exact (k = 784 >= 784)"
     assert table["mse_over_pca"][1] == pytest.approx(0.6)
     # @best: the replica with the lowest test mse of this evaluation
     assert tracking.registry.aliases("deep3")["best"] == trained["versions"][1]
@@ -433,10 +441,33 @@ def test_the_evaluation_run_holds_the_results_and_the_report(store, trained, tmp
     report.write_text("# aebench\n\n| model | test MSE |\n|---|---|\n| deep3 | 0.03 |\n")
     with tracking.evaluation_run(store[0]) as other:  # another evaluation, other details
         tracking.log_results(HEADLINE, DETAILS, [], files[0])
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    for name in ("reconstructions.png", "test_mse.png"):
+        (figures / name).write_bytes(b"\x89PNG")
+    with tracking.evaluation_run(store[0], name="figures") as figures_run:
+        tracking.log_artifacts(sorted(figures.iterdir()))
+    files[1].write_text(json.dumps(DETAILS))  # what attach_report reads back
+    client.set_tag(run_id, "details_sha256", tracking.sha256_file(files[1]))
     assert tracking.attach_report(store[0], files[1], report) == run_id
     assert other != run_id
     run = client.get_run(run_id)
-    assert run.data.tags["mlflow.note.content"].endswith(report.read_text())
+    text = run.data.tags["mlflow.note.content"]
+    # first the verdict, then the models best first, the figures shown (headline first), and
+    # the report
+    assert text.splitlines()[0] == ("**Best: conv16**, test MSE 0.001 ± 0.0002 (SSE/image "
+                                    "0.78 ± 0.16, n = 2), 30× better than the next, deep3 "
+                                    "(0.03 ± 0.001).")
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[1:3] == [
+        "| 1 | conv16 | 0.001 ± 0.0002 | 0.78 ± 0.16 | best | n/a: PCA exact (k = 784 ≥ 784) "
+        "| 2304 | 2 |",
+        "| 2 | deep3 | 0.03 ± 0.001 | 23.52 ± 0.78 | 30× | 0.6× (beats PCA) | 3 | 2 |"]
+    assert rows[-1] == "| deep3 | 0.03 |"  # the report's own table, last
+    images = [line for line in text.splitlines() if line.startswith("![")]
+    assert images == [f"![{n}](get-artifact?path=figures%2F{n}&run_uuid={figures_run})"
+                      for n in ("test_mse.png", "reconstructions.png")]
+    assert text.endswith(report.read_text())
     assert [a.path for a in client.list_artifacts(run_id, "reports")] == \
         ["reports/details.json", "reports/summary.md"]
 
