@@ -191,12 +191,21 @@ def test_training_is_one_parent_run_with_one_child_per_replica(store, trained):
     # and sizes are params, not metrics)
     # and the final test MSE and its std, at the CSV's 6 digits, as one value at step 0: the
     # chart view draws a bar chart of them, in the section "final", before the curves
-    assert parent.data.metrics == {**{k: v for k, v in CURVE[-1].items() if k != "epoch"},
+    # per epoch at the CSV's 6 digits too: 0.166667, not 0.16666666666666666 beside it
+    assert parent.data.metrics == {"test_mse": 0.166667, "test_mse_std": 0.03,
+                                   "train_loss": 0.333333, "train_loss_std": 0.06,
                                    "final/test_mse": 0.166667, "final/test_mse_std": 0.03,
                                    "final/sse_per_image": 130.667}  # 784 x 0.166667
     for key in ("test_mse", "test_mse_std", "train_loss", "train_loss_std"):
         history = client.get_metric_history(trained["parent"], key)
-        assert [(m.step, m.value) for m in history] == [(r["epoch"], r[key]) for r in CURVE]
+        assert [(m.step, m.value) for m in history] == \
+            [(r["epoch"], float(f"{r[key]:.6g}")) for r in CURVE]
+    # its best replica (a tie here: the first by name), named and linked
+    assert parent.data.tags["best_replica"] == "deep3-r0"
+    assert parent.data.tags["best_replica_run_id"] == trained["children"][0]
+    assert parent.data.tags["mlflow.note.content"].startswith(
+        f"Best replica: [deep3-r0](#/experiments/{store[0]}/runs/{trained['children'][0]}) "
+        "(seed 0), last-epoch test MSE 0.167, of 2 replica(s).")
     for key, value in (("final/test_mse", 0.166667), ("final/test_mse_std", 0.03)):
         assert [(m.step, m.value) for m in client.get_metric_history(trained["parent"], key)] \
             == [(0, value)]
@@ -276,6 +285,21 @@ def train_tiny(experiment_id: str, name: str, replicas: int, fail_at: int | None
                                                       pixels="0,1", weights_sha256=sha(name, i)))
         tracking.log_training_curve(CURVE)
         return ids, tracking.register_training(name, ids)
+
+
+def test_the_training_run_names_its_best_replica(store):
+    with tracking.training_run(store[0], "picky", {}) as parent:
+        for i, last in enumerate((0.031, 0.029, 0.030)):  # replica 1 is the best
+            with tracking.replica_run("picky", i, seed=10 + i):
+                tracking.log_epochs([{"epoch": 1, "test_mse": 0.5}, {"epoch": 2, "test_mse": last}])
+        tracking.log_training_curve(CURVE)
+    client = mlflow.MlflowClient()
+    run = client.get_run(parent)
+    [best] = client.search_runs([store[0]], "attributes.run_name = 'picky-r1'")
+    assert run.data.tags["best_replica"] == "picky-r1"
+    assert run.data.tags["best_replica_run_id"] == best.info.run_id
+    assert "(seed 11), last-epoch test MSE 0.029, of 3 replica(s)" in \
+        run.data.tags["mlflow.note.content"]
 
 
 def test_each_replica_is_a_version_of_the_registered_model(trained):
@@ -688,6 +712,22 @@ def test_the_saved_view_lists_the_models_best_first(store, trained):
                for r in runs)
     finals = [r.data.metrics["final/test_mse"] for r in runs]
     assert finals[0] == 0.0123457 and finals == sorted(finals)
+    # its chart view opens on SSE/image bars (labels that differ at two decimals), then the
+    # curves on a log scale; the bars of the MSE (0.00 .. 0.03) and of the stds are hidden
+    shown = [(c["type"], c["metricKey"]) for c in state["compareRunCharts"] if not c["deleted"]]
+    assert shown == [("BAR", "final/sse_per_image"), ("LINE", "test_mse"),
+                     ("LINE", "train_loss")]
+    hidden = {c["metricKey"] for c in state["compareRunCharts"] if c["deleted"]}
+    assert hidden == {"final/test_mse", "final/test_mse_std", "test_mse_std", "train_loss_std"}
+    # a chart for every metric the listed runs hold: the UI generates none of its own
+    assert {k for r in runs for k in r.data.metrics} <= shown_keys(state) | hidden
+    sections = {s["uuid"]: s["name"] for s in state["compareRunSections"]}
+    assert [sections[c["metricSectionId"]] for c in state["compareRunCharts"]] == \
+        ["final"] * 3 + ["Model metrics"] * 4  # the names the UI files metrics under
+
+
+def shown_keys(state: dict) -> set[str]:
+    return {c["metricKey"] for c in state["compareRunCharts"] if not c["deleted"]}
 
 
 def test_the_installed_mlflow_ui_reads_what_make_ui_writes():
@@ -700,5 +740,8 @@ def test_the_installed_mlflow_ui_reads_what_make_ui_writes():
     bundle = Path(mlflow.__file__).parent / "server/js/build/static/js"
     code = "".join(p.read_text(errors="replace") for p in bundle.glob("*.js"))
     names = [ui.VIEW_TAG_PREFIX, ui.VIEW_KEY, *ui.CHART_MODE, *ui.WORKFLOW, *ui.models_view(),
-             ui.models_view()["runsHiddenMode"], "Model metrics"]
+             ui.models_view()["runsHiddenMode"], "Model metrics",
+             *{key for chart in ui.VIEW_CHARTS for key in chart},
+             *{key for section in ui.VIEW_SECTIONS for key in section},
+             *{chart["type"] for chart in ui.VIEW_CHARTS}]
     assert [n for n in names if n not in code] == []
