@@ -22,14 +22,15 @@ def ranking(headline: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return sorted(headline, key=lambda name: headline[name]["mse"]["mean"])
 
 
-def mse_text(stat: Mapping[str, float], digits: int = 3) -> str:
-    """mean ± std, each to `digits` significant digits: 0.000902 ± 0.000185."""
-    return f"{stat['mean']:.{digits}g} ± {stat['std']:.{digits}g}"
+def mse_text(stat: Mapping[str, float], n: int = 2, digits: int = 3) -> str:
+    """mean ± std, each to `digits` significant digits: 0.000902 ± 0.000185; the mean alone
+    for a single replica (n = 1), which has no spread."""
+    return f"{stat['mean']:.{digits}g}" + (f" ± {stat['std']:.{digits}g}" if n > 1 else "")
 
 
-def sse_text(stat: Mapping[str, float]) -> str:
-    """SSE/image, mean ± std, two decimals: 0.71 ± 0.14."""
-    return f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+def sse_text(stat: Mapping[str, float], n: int = 2) -> str:
+    """SSE/image, mean ± std, two decimals: 0.71 ± 0.14 (the mean alone when n = 1)."""
+    return f"{stat['mean']:.2f}" + (f" ± {stat['std']:.2f}" if n > 1 else "")
 
 
 def _sse(h: Mapping[str, Any]) -> Mapping[str, float]:
@@ -37,8 +38,8 @@ def _sse(h: Mapping[str, Any]) -> Mapping[str, float]:
 
 
 def times(ratio: float) -> str:
-    """A ratio as a reader says it: 4.52×, 34.1×, 0.6×."""
-    return f"{ratio:.3g}×"
+    """A ratio as a reader says it: 4.52×, 34.1×, 0.6×, 1,302×."""
+    return f"{ratio:,.0f}×" if ratio >= 1000 else f"{ratio:.3g}×"
 
 
 def verdict(headline: Mapping[str, Mapping[str, Any]]) -> str:
@@ -48,15 +49,15 @@ def verdict(headline: Mapping[str, Mapping[str, Any]]) -> str:
     if not order:
         return ""
     best, h = order[0], headline[order[0]]
-    line = (f"**Best: {best}**, test MSE {mse_text(h['mse'])} (SSE/image "
-            f"{sse_text(_sse(h))}, n = {h['n']})")
+    line = (f"**Best: {best}**, test MSE {mse_text(h['mse'], h['n'])} (SSE/image "
+            f"{sse_text(_sse(h), h['n'])}, n = {h['n']})")
     if len(order) == 1:
         return line + ", the only model evaluated."
-    nxt = headline[order[1]]["mse"]
+    nxt = headline[order[1]]
+    then = f"{order[1]} ({mse_text(nxt['mse'], nxt['n'])})"
     if h["mse"]["mean"] <= 0:
-        return line + f"; the next is {order[1]} ({mse_text(nxt)})."
-    return (line + f", {times(nxt['mean'] / h['mse']['mean'])} better than the next, "
-            f"{order[1]} ({mse_text(nxt)}).")
+        return line + f"; the next is {then}."
+    return line + f", {times(nxt['mse']['mean'] / h['mse']['mean'])} better than the next, {then}."
 
 
 def pca_ratio(mse: float, pca_k: int, pca_mse: float | None) -> str:
@@ -82,7 +83,8 @@ def table(headline: Mapping[str, Mapping[str, Any]],
         h, d = headline[name], details[name]
         mse = h["mse"]["mean"]
         vs_best = "best" if rank == 1 else times(mse / best) if best > 0 else "n/a"
-        rows.append(f"| {rank} | {name} | {mse_text(h['mse'])} | {sse_text(_sse(h))} | "
+        rows.append(f"| {rank} | {name} | {mse_text(h['mse'], h['n'])} | "
+                    f"{sse_text(_sse(h), h['n'])} | "
                     f"{vs_best} | {pca_ratio(mse, d['pca']['k'], d['pca']['mse'])} | "
                     f"{d['latent_dim']} | {h['n']} |")
     return "\n".join(rows)
@@ -107,10 +109,11 @@ def description(headline: Mapping[str, Mapping[str, Any]],
                 details: Mapping[str, Mapping[str, Any]], *, figures_md: str = "",
                 report: str = "", report_name: str = "reports/summary.md",
                 limit: int = 8000) -> str:
-    """The evaluation run's description: verdict, table, figures, then the report where it
+    """The evaluation run's description: verdict, table (no heading between them: the UI
+    folds a description after a few lines), figures, then the report where it
     fits within `limit` characters (MLflow's longest tag value); else a line saying where the
     report is."""
-    parts = [verdict(headline), "## Models, best first", table(headline, details),
+    parts = [verdict(headline), table(headline, details),
              "Test MSE on [0,1] pixels of the 10,000 test images, mean ± std over n seeds; "
              "SSE/image = 784 × MSE; × PCA: the model's MSE over PCA's with as many components "
              "as its latent size (below 1: it beats the best linear code). Each model's "
