@@ -37,9 +37,9 @@ from pathlib import Path
 
 import yaml
 
+from . import warm
 from .config import MAX_EPOCHS, MAX_LIMIT, MAX_REPLICAS
 from .tracking.store import COMMIT_ENV, SMOKE_ENV, git_commit, record_last_store
-from .warm import IDLE_S
 
 ROOT = Path(__file__).resolve().parents[1]
 # What `dvc repro` prints last after a run that changed something; a scratch copy has nothing to
@@ -214,12 +214,19 @@ def outcome(code: int, folder: Path, seconds: float) -> str:
 
 
 def next_steps(folder: Path, idle_s: float | None = None) -> str:
-    """What to look at after a smoke run in `folder`, and what it leaves running."""
-    idle = IDLE_S if idle_s is None else idle_s
+    """What to look at after a smoke run in `folder`, and what it leaves running: the stages'
+    warm server, for `idle_s` (default: as aebench.warm reads it, AEBENCH_WARM_IDLE or
+    IDLE_S; none where warm stages are off)."""
+    if idle_s is None:
+        idle_s = warm.idle_seconds() if warm.available() else 0.0
     try:
         shown = folder.resolve().relative_to(Path.cwd())
     except ValueError:
         shown = folder
+    server = (f"The stages' warm server for {shown} stays up {idle_s / 60:g} min after its last "
+              "stage (about 0.9 GB; AEBENCH_WARM_IDLE=seconds sets how long); to end it now: "
+              f"cd {shown} && python -m aebench.warm --stop") if idle_s > 0 else \
+        "No warm server stays up (AEBENCH_WARM=0)."
     return "\n".join([
         "next:",
         "  make ui      the MLflow UI on this run's store, http://127.0.0.1:5000 (it prints the "
@@ -227,9 +234,7 @@ def next_steps(folder: Path, idle_s: float | None = None) -> str:
         f"  figures      {shown / 'plots' / 'figures'}/ (test_mse.png: the models, best first)",
         f"  plots page   cd {shown} && dvc plots show   ({shown / 'dvc_plots' / 'index.html'}; "
         "`make plots` here draws the committed run's)",
-        f"The stages' warm server for {shown} stays up {idle / 60:g} min after its last stage "
-        f"(about 0.9 GB; AEBENCH_WARM_IDLE=seconds sets how long); to end it now: cd {shown} && "
-        "python -m aebench.warm --stop",
+        server,
     ])
 
 

@@ -80,7 +80,9 @@ def test_smoke_runs_carry_the_projects_commit_and_a_smoke_tag(monkeypatch):
     assert tracking.git_commit(REPO) != "unknown"
 
 
-def test_a_run_ends_with_what_to_do_next_and_what_it_leaves_running():
+def test_a_run_ends_with_what_to_do_next_and_what_it_leaves_running(monkeypatch):
+    monkeypatch.delenv("AEBENCH_WARM_IDLE", raising=False)
+    monkeypatch.delenv("AEBENCH_WARM", raising=False)
     lines = smoke.outcome(0, Path(".smoke"), 40).splitlines()
     assert lines[1] == "next:"
     assert lines[2].startswith("  make ui      the MLflow UI on this run's store, "
@@ -91,6 +93,10 @@ def test_a_run_ends_with_what_to_do_next_and_what_it_leaves_running():
                                "last stage")
     assert lines[5].endswith("to end it now: cd .smoke && python -m aebench.warm --stop")
     assert "stays up 2 min" in smoke.next_steps(Path(".smoke"), idle_s=120)
+    monkeypatch.setenv("AEBENCH_WARM_IDLE", "90")  # as the warm server reads it
+    assert "stays up 1.5 min" in smoke.next_steps(Path(".smoke"))
+    monkeypatch.setenv("AEBENCH_WARM", "0")
+    assert smoke.next_steps(Path(".smoke")).endswith("No warm server stays up (AEBENCH_WARM=0).")
 
 
 def test_a_second_run_in_the_same_folder_is_refused_in_one_line(tmp_path, monkeypatch):
