@@ -95,13 +95,16 @@ def slice_params(path: Path, *, limit: int, epochs: int, replicas: int) -> None:
 
 
 def smoke_env(dest: Path, shrunk: str, src: Path = ROOT) -> dict[str, str]:
-    """The environment of the smoke run: its own store in `dest`, this venv's `python` first,
-    and for every MLflow run the project's commit (not the copy's) and a `smoke` tag saying
-    what was shrunk (and whether uncommitted changes were copied)."""
+    """The environment of the smoke run (the stages' and the warm server's: one environment,
+    so that the stages use the server started for them): its own store in `dest`, this venv's
+    `python` first, unbuffered output, and for every MLflow run the project's commit (not the
+    copy's) and a `smoke` tag saying what was shrunk (and whether uncommitted changes were
+    copied)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{dest.resolve()}/mlflow.db"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal"],
                             cwd=src, capture_output=True, text=True).stdout
+    env["PYTHONUNBUFFERED"] = "1"  # the stages' lines pass through repro's pipe as printed
     env[COMMIT_ENV] = git_commit(src)
     env[SMOKE_ENV] = shrunk + (", with uncommitted changes" if status.strip() else "")
     return env
@@ -144,8 +147,9 @@ def one_run(folder: Path) -> Iterator[None]:
 
 def repro(folder: Path, env: dict[str, str]) -> int:
     """`dvc repro` in the scratch copy, its output passed on as it comes but DVC_PUSH_HINT;
-    its exit code."""
-    with subprocess.Popen(["dvc", "repro"], cwd=folder, env={**env, "PYTHONUNBUFFERED": "1"},
+    its exit code. `env` should have PYTHONUNBUFFERED=1 (smoke_env), so that the stages'
+    lines come through the pipe as they print them."""
+    with subprocess.Popen(["dvc", "repro"], cwd=folder, env=env,
                           stdout=subprocess.PIPE, text=True, errors="replace") as proc:
         for line in proc.stdout:
             if line.strip() != DVC_PUSH_HINT:

@@ -70,6 +70,7 @@ def test_smoke_runs_carry_the_projects_commit_and_a_smoke_tag(monkeypatch):
     assert env["MLFLOW_TRACKING_URI"] == "sqlite:////tmp/scratch/mlflow.db"
     assert env["AEBENCH_GIT_COMMIT"] == tracking.git_commit(REPO)
     assert env["AEBENCH_SMOKE"].startswith("limit=3000 epochs=1 replicas=1")
+    assert env["PYTHONUNBUFFERED"] == "1"  # repro passes the stages' lines on through a pipe
     # what every run of the copy's stages gets as tags
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.setenv("AEBENCH_GIT_COMMIT", env["AEBENCH_GIT_COMMIT"])
