@@ -209,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def outcome(code: int, folder: Path, seconds: float) -> str:
-    """The last line: where the summary is, or (it was not written) that the run failed."""
+    """The end: where the summary is and what to do next (next_steps), or (it was not written)
+    that the run failed."""
     if code == 0:
         return f"smoke: done in {seconds:.0f} s; see {folder / 'reports' / 'summary.md'}\n" + \
             next_steps(folder)
