@@ -239,6 +239,8 @@ def test_the_bars_are_best_first_with_values_a_reader_can_tell_apart():
                                "pca": "PCA 0.0516"}
     assert charts.bar_labels({"deep3": results["deep3"]})["deep3"]["mse"] == \
         "0.0308 ± 0.0003  ·  0.6× PCA"
+    far = {"over500": {**results["over500"], "mse": 0.0642, "mse_std": 0.0}}
+    assert charts.bar_labels(far)["over500"]["mse"] == "0.0642  ·  1,300× PCA"
 
 
 def test_a_figure_with_nothing_to_show_says_so(inputs, tmp_path):
