@@ -99,6 +99,13 @@ def test_plots_show_writes_an_offline_page_with_one_overlay_of_every_curve(tmp_p
 
     figures = sorted(p.name for p in (ROOT / "plots" / "figures").glob("*.png"))
     assert figures and all(f"plots/figures/{name}" in page for name in figures)
+    # dvc-render puts the images after the vega plots, in name order; the page's style puts
+    # the headline first, then the overlay: the ids it names are the ones dvc-render wrote
+    style = page.split("<style>", 1)[1].split("</style>", 1)[0]
+    orders = dict(re.findall(r"#(\w+) \{\s*order: (-?\d+);", style))
+    assert orders == {"plots_figures_test_mse_png": "-2", OVERLAY_ID: "-1"}
+    assert all(re.search(rf'id ?= ?"{i}"', page) for i in orders)
+    assert re.search(r"body \{\s*display: flex;\s*flex-direction: column;", style)
 
 
 def test_log_y_template_colours_ticks_and_floor():
@@ -110,6 +117,7 @@ def test_log_y_template_colours_ticks_and_floor():
     # PNGs give each model (matplotlib's tab10 is d3's category10)
     assert encoding["color"]["scale"] == {"scheme": "category10"}
     assert encoding["color"]["sort"] is None
+    assert encoding["color"]["title"] == "model"  # not "curve"
     assert encoding["x"]["axis"] == {"tickMinStep": 1, "format": "d"}  # epochs, components
     # the floor of the PCA PNG, not float noise down to 1e-15
     [floor] = [float(t["filter"].split(">=")[1]) for t in template["transform"] if "filter" in t]

@@ -191,12 +191,21 @@ def test_training_is_one_parent_run_with_one_child_per_replica(store, trained):
     # and sizes are params, not metrics)
     # and the final test MSE and its std, at the CSV's 6 digits, as one value at step 0: the
     # chart view draws a bar chart of them, in the section "final", before the curves
-    assert parent.data.metrics == {**{k: v for k, v in CURVE[-1].items() if k != "epoch"},
+    # per epoch at the CSV's 6 digits too: 0.166667, not 0.16666666666666666 beside it
+    assert parent.data.metrics == {"test_mse": 0.166667, "test_mse_std": 0.03,
+                                   "train_loss": 0.333333, "train_loss_std": 0.06,
                                    "final/test_mse": 0.166667, "final/test_mse_std": 0.03,
                                    "final/sse_per_image": 130.667}  # 784 x 0.166667
     for key in ("test_mse", "test_mse_std", "train_loss", "train_loss_std"):
         history = client.get_metric_history(trained["parent"], key)
-        assert [(m.step, m.value) for m in history] == [(r["epoch"], r[key]) for r in CURVE]
+        assert [(m.step, m.value) for m in history] == \
+            [(r["epoch"], float(f"{r[key]:.6g}")) for r in CURVE]
+    # its best replica (a tie here: the first by name), named and linked
+    assert parent.data.tags["best_replica"] == "deep3-r0"
+    assert parent.data.tags["best_replica_run_id"] == trained["children"][0]
+    assert parent.data.tags["mlflow.note.content"].startswith(
+        f"Best replica: [deep3-r0](#/experiments/{store[0]}/runs/{trained['children'][0]}) "
+        "(seed 0), last-epoch test MSE 0.167, of 2 replica(s).")
     for key, value in (("final/test_mse", 0.166667), ("final/test_mse_std", 0.03)):
         assert [(m.step, m.value) for m in client.get_metric_history(trained["parent"], key)] \
             == [(0, value)]
@@ -276,6 +285,21 @@ def train_tiny(experiment_id: str, name: str, replicas: int, fail_at: int | None
                                                       pixels="0,1", weights_sha256=sha(name, i)))
         tracking.log_training_curve(CURVE)
         return ids, tracking.register_training(name, ids)
+
+
+def test_the_training_run_names_its_best_replica(store):
+    with tracking.training_run(store[0], "picky", {}) as parent:
+        for i, last in enumerate((0.031, 0.029, 0.030)):  # replica 1 is the best
+            with tracking.replica_run("picky", i, seed=10 + i):
+                tracking.log_epochs([{"epoch": 1, "test_mse": 0.5}, {"epoch": 2, "test_mse": last}])
+        tracking.log_training_curve(CURVE)
+    client = mlflow.MlflowClient()
+    run = client.get_run(parent)
+    [best] = client.search_runs([store[0]], "attributes.run_name = 'picky-r1'")
+    assert run.data.tags["best_replica"] == "picky-r1"
+    assert run.data.tags["best_replica_run_id"] == best.info.run_id
+    assert "(seed 11), last-epoch test MSE 0.029, of 3 replica(s)" in \
+        run.data.tags["mlflow.note.content"]
 
 
 def test_each_replica_is_a_version_of_the_registered_model(trained):
@@ -405,10 +429,12 @@ def test_the_evaluation_run_holds_the_results_and_the_report(store, trained, tmp
     assert children["deep3-eval"].data.metrics == {
         "test_mse": 0.03, "test_mse_std": 0.001, "test_sse_per_image": 23.52,
         "test_sse_per_image_std": 0.784, "test_loss": 0.12, "test_loss_std": 0.004,
-        "pca_mse": 0.05}
+        "pca_mse": 0.05, "mse_over_pca": 0.6, "mse_over_best": 30.0}
     assert children["conv16-eval"].data.metrics == {  # no pca_mse: PCA at 784 is exact
         "test_mse": 0.001, "test_mse_std": 0.0002, "test_sse_per_image": 0.784,
-        "test_sse_per_image_std": 0.1568}
+        "test_sse_per_image_std": 0.1568, "mse_over_best": 1.0}
+    # the worst made first: newest first (the UI's default order) lists them best first
+    assert children["deep3-eval"].info.start_time <= children["conv16-eval"].info.start_time
     deep3 = children["deep3-eval"].data.tags
     assert (deep3["model"], deep3["replicas"], deep3["stage"]) == ("deep3", "2", "evaluate")
     assert deep3["mlflow.runColor"] == "#1f77b4"  # its replicas' colour
@@ -421,10 +447,16 @@ def test_the_evaluation_run_holds_the_results_and_the_report(store, trained, tmp
     assert [a.path for a in client.list_artifacts(run_id, "metrics")] == ["metrics/models.json"]
     table = client.load_table(store[0], "headline.json", run_ids=[run_id])
     assert list(table["model"]) == ["conv16", "deep3"]  # best first
-    assert list(table.columns[:8]) == ["model", "test_mse", "test_mse_std", "latent_dim", "pca_k",
-                                       "pca_mse", "mse_over_pca", "beats_pca"]
+    assert list(table.columns[:9]) == ["rank", "model", "test_mse", "test_mse_std",
+                                       "mse_over_best", "test_sse_per_image",
+                                       "test_sse_per_image_std", "test_loss", "test_loss_std"]
+    assert list(table.columns[9:]) == ["mse_over_pca", "beats_pca", "pca_mse", "pca_k",
+                                       "latent_dim", "n"]
+    assert list(table["rank"]) == [1, 2] and list(table["mse_over_best"]) == [1.0, 30.0]
     assert list(table["beats_pca"]) == ["n/a (PCA exact)", "yes"]
     assert table["test_loss"].tolist() == [0.001, 0.12]  # conv16's loss is the mse itself
+    # no null: where PCA is exact there is no ratio, and the cell says why
+    assert table["mse_over_pca"][0] == "n/a: PCA exact (k = 784 >= 784)"
     assert table["mse_over_pca"][1] == pytest.approx(0.6)
     # @best: the replica with the lowest test mse of this evaluation
     assert tracking.registry.aliases("deep3")["best"] == trained["versions"][1]
@@ -433,10 +465,33 @@ def test_the_evaluation_run_holds_the_results_and_the_report(store, trained, tmp
     report.write_text("# aebench\n\n| model | test MSE |\n|---|---|\n| deep3 | 0.03 |\n")
     with tracking.evaluation_run(store[0]) as other:  # another evaluation, other details
         tracking.log_results(HEADLINE, DETAILS, [], files[0])
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    for name in ("reconstructions.png", "test_mse.png"):
+        (figures / name).write_bytes(b"\x89PNG")
+    with tracking.evaluation_run(store[0], name="figures") as figures_run:
+        tracking.log_artifacts(sorted(figures.iterdir()))
+    files[1].write_text(json.dumps(DETAILS))  # what attach_report reads back
+    client.set_tag(run_id, "details_sha256", tracking.sha256_file(files[1]))
     assert tracking.attach_report(store[0], files[1], report) == run_id
     assert other != run_id
     run = client.get_run(run_id)
-    assert run.data.tags["mlflow.note.content"].endswith(report.read_text())
+    text = run.data.tags["mlflow.note.content"]
+    # first the verdict, then the models best first, the figures shown (headline first), and
+    # the report
+    assert text.splitlines()[0] == ("**Best: conv16**, test MSE 0.001 ± 0.0002 (SSE/image "
+                                    "0.78 ± 0.16, n = 2), 30× better than the next, deep3 "
+                                    "(0.03 ± 0.001).")
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[1:3] == [
+        "| 1 | conv16 | 0.001 ± 0.0002 | 0.78 ± 0.16 | best | n/a: PCA exact (k = 784 ≥ 784) "
+        "| 2304 | 2 |",
+        "| 2 | deep3 | 0.03 ± 0.001 | 23.52 ± 0.78 | 30× | 0.6× (beats PCA) | 3 | 2 |"]
+    assert rows[-1] == "| deep3 | 0.03 |"  # the report's own table, last
+    images = [line for line in text.splitlines() if line.startswith("![")]
+    assert images == [f"![{n}](get-artifact?path=figures%2F{n}&run_uuid={figures_run})"
+                      for n in ("test_mse.png", "reconstructions.png")]
+    assert text.endswith(report.read_text())
     assert [a.path for a in client.list_artifacts(run_id, "reports")] == \
         ["reports/details.json", "reports/summary.md"]
 
@@ -613,6 +668,27 @@ def test_make_ui_opens_the_last_runs_store_in_the_model_training_view(store, tmp
     assert "STORE=" in capsys.readouterr().err
 
 
+def test_make_ui_on_a_taken_port_says_so_in_one_line_and_fails(store, monkeypatch, capsys):
+    from aebench.tracking import ui
+
+    ran = []
+    monkeypatch.setattr(ui.os, "execvp", lambda file, args: ran.append(args))
+    with socket.socket() as other:  # another program listens on the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert ui.main([str(store[1]), "--port", str(port)]) == 1
+    out, err = capsys.readouterr()
+    assert err == (f"error: --port {port}: 127.0.0.1:{port} is taken by another program; stop "
+                   "it, or choose another port (make ui PORT=5001)\n")
+    assert out == "" and ran == []  # no address that would point at the other program
+    # free again: the UI starts there
+    assert ui.main([str(store[1]), "--port", str(port)]) is None and len(ran) == 1
+    with pytest.raises(SystemExit) as exit_:
+        ui.main(["--port", "70000"])
+    assert exit_.value.code == 2 and "70000 is not a TCP port" in capsys.readouterr().err
+
+
 def test_the_saved_view_lists_the_models_best_first(store, trained):
     from aebench.tracking import ui
 
@@ -636,6 +712,22 @@ def test_the_saved_view_lists_the_models_best_first(store, trained):
                for r in runs)
     finals = [r.data.metrics["final/test_mse"] for r in runs]
     assert finals[0] == 0.0123457 and finals == sorted(finals)
+    # its chart view opens on SSE/image bars (labels that differ at two decimals), then the
+    # curves on a log scale; the bars of the MSE (0.00 .. 0.03) and of the stds are hidden
+    shown = [(c["type"], c["metricKey"]) for c in state["compareRunCharts"] if not c["deleted"]]
+    assert shown == [("BAR", "final/sse_per_image"), ("LINE", "test_mse"),
+                     ("LINE", "train_loss")]
+    hidden = {c["metricKey"] for c in state["compareRunCharts"] if c["deleted"]}
+    assert hidden == {"final/test_mse", "final/test_mse_std", "test_mse_std", "train_loss_std"}
+    # a chart for every metric the listed runs hold: the UI generates none of its own
+    assert {k for r in runs for k in r.data.metrics} <= shown_keys(state) | hidden
+    sections = {s["uuid"]: s["name"] for s in state["compareRunSections"]}
+    assert [sections[c["metricSectionId"]] for c in state["compareRunCharts"]] == \
+        ["final"] * 3 + ["Model metrics"] * 4  # the names the UI files metrics under
+
+
+def shown_keys(state: dict) -> set[str]:
+    return {c["metricKey"] for c in state["compareRunCharts"] if not c["deleted"]}
 
 
 def test_the_installed_mlflow_ui_reads_what_make_ui_writes():
@@ -648,5 +740,8 @@ def test_the_installed_mlflow_ui_reads_what_make_ui_writes():
     bundle = Path(mlflow.__file__).parent / "server/js/build/static/js"
     code = "".join(p.read_text(errors="replace") for p in bundle.glob("*.js"))
     names = [ui.VIEW_TAG_PREFIX, ui.VIEW_KEY, *ui.CHART_MODE, *ui.WORKFLOW, *ui.models_view(),
-             ui.models_view()["runsHiddenMode"], "Model metrics"]
+             ui.models_view()["runsHiddenMode"], "Model metrics",
+             *{key for chart in ui.VIEW_CHARTS for key in chart},
+             *{key for section in ui.VIEW_SECTIONS for key in section},
+             *{chart["type"] for chart in ui.VIEW_CHARTS}]
     assert [n for n in names if n not in code] == []

@@ -98,6 +98,20 @@ HTML
             max-width: 100%;
             height: auto;
         }
+        /* dvc-render puts every vega plot before every image, and the images in name order:
+           test_mse.png, the headline (every model, best first), came 7th of 8. The page is a
+           column whose items keep that order but these: the headline first, then the overlay
+           of every model's test-MSE curve. */
+        body {
+            display: flex;
+            flex-direction: column;
+        }
+        #plots_figures_test_mse_png {
+            order: -2;
+        }
+        #test_mse_by_epoch {
+            order: -1;
+        }
     </style>
 </head>
 <body>

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..constants import N_PIXELS
-from ..files import rounded
+from ..files import read_json, rounded
+from .description import description, figures, ranking
 from .models import find_logged, sha256_file
 from .registry import set_best
 from .runs import COLOR_TAG, OTHER_COLOR, active_run, end_stale_runs, quoted, tracked_run
@@ -112,26 +113,32 @@ def model_evaluation_name(name: str) -> str:
 
 def headline_table(headline: Mapping[str, Mapping[str, Any]],
                    details: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
-    """One row per model, best (lowest mean test MSE) first: the test MSE, PCA at the model's
-    latent size and whether the model beats it, then n and the other headline means and stds;
-    as columns for mlflow.log_table, numbers at the metrics files' digits."""
+    """One row per model, best (lowest mean test MSE) first: its rank, the test MSE and its
+    std, how many times the best model's it is, the same as SSE/image, the MSE over PCA's at
+    the model's latent size and whether the model beats it (where PCA is exact, k >= 784, no
+    ratio exists: the words say so), PCA's MSE and k, the latent size, the test loss and n; as
+    columns for mlflow.log_table, numbers at the metrics files' digits."""
+    order = ranking(headline)
+    best = headline[order[0]]["mse"]["mean"] if order else 0.0
     rows = []
-    for name, h in headline.items():
-        d = details[name]
+    for rank, name in enumerate(order, 1):
+        h, d = headline[name], details[name]
         pca_k, pca_mse = d["pca"]["k"], d["pca"]["mse"]
         mse = h["mse"]["mean"]
         exact = pca_k >= N_PIXELS
-        row = {"model": name, "test_mse": mse, "test_mse_std": h["mse"]["std"],
-               "latent_dim": d["latent_dim"], "pca_k": pca_k, "pca_mse": pca_mse,
-               "mse_over_pca": None if exact or not pca_mse else mse / pca_mse,
-               "beats_pca": "n/a (PCA exact)" if exact else ("yes" if mse < pca_mse else "no"),
-               "n": h["n"]}
+        row = {"rank": rank, "model": name, "test_mse": mse, "test_mse_std": h["mse"]["std"],
+               "mse_over_best": mse / best if best > 0 else None}
         for key in ("sse_per_image", "test_loss"):
             stat = h.get(key) or h["mse"]  # test_loss is left out where it is the mse itself
             row[_metric_name(key)] = stat["mean"]
             row[f"{_metric_name(key)}_std"] = stat["std"]
+        row.update({"mse_over_pca": (f"n/a: PCA exact (k = {pca_k} >= {N_PIXELS})" if exact
+                                     else mse / pca_mse if pca_mse else None),
+                    "beats_pca": "n/a (PCA exact)" if exact else ("yes" if mse < pca_mse
+                                                                  else "no"),
+                    "pca_mse": pca_mse, "pca_k": pca_k, "latent_dim": d["latent_dim"],
+                    "n": h["n"]})
         rows.append(rounded(row))
-    rows.sort(key=lambda r: r["test_mse"])
     return {key: [r[key] for r in rows] for key in rows[0]} if rows else {}
 
 
@@ -142,8 +149,10 @@ def log_results(headline: Mapping[str, Mapping[str, Any]],
     """The evaluation's results on the active evaluation_run, once every replica is logged:
     per model a child run NAME-eval (model_evaluation_name) in the model's colour with the
     headline means and stds under the names its replicas' runs use (test_mse, test_mse_std,
-    test_sse_per_image, ...) and pca_mse (PCA at its latent size, where PCA is not exact, as in
-    the metrics files); the headline table (HEADLINE_TABLE); `artifacts`
+    test_sse_per_image, ...), pca_mse (PCA at its latent size, where PCA is not exact, as in
+    the metrics files) and the ratios mse_over_pca and mse_over_best (its test MSE over the
+    best model's), created worst first so that a list newest first shows them best first; the
+    headline table (HEADLINE_TABLE); `artifacts`
     (files or folders: the metrics files and details.json) under their folder's name; @best of
     each model's registered model (its lowest test MSE replica, from this run's children); the
     tag best_model (BEST_TAG: the lowest mean test MSE); last, the tag details_sha256 by which
@@ -159,9 +168,18 @@ def log_results(headline: Mapping[str, Mapping[str, Any]],
     run = active_run("log_results", "evaluation_run(...)")
     replicas = _replica_evaluations(run.info.run_id)
     tags = {**common_tags(), "stage": run.data.tags.get("stage", "evaluate")}
-    for name, h in headline.items():
-        pca = details[name]["pca"]
-        metrics = {"pca_mse": float(pca["mse"])} if pca["k"] < N_PIXELS else {}  # else exact
+    order = ranking(headline)
+    best = headline[order[0]]["mse"]["mean"] if order else 0.0
+    # The worst first: a list of runs newest first (the UI's default) then shows them best first
+    for name in reversed(order):
+        h, pca = headline[name], details[name]["pca"]
+        metrics = {}
+        if pca["k"] < N_PIXELS:  # else PCA is exact: no PCA MSE to compare with
+            metrics["pca_mse"] = float(pca["mse"])
+            if pca["mse"]:
+                metrics["mse_over_pca"] = rounded(h["mse"]["mean"] / pca["mse"])
+        if best > 0:
+            metrics["mse_over_best"] = rounded(h["mse"]["mean"] / best)
         for key, stat in h.items():
             if isinstance(stat, Mapping):
                 metrics[_metric_name(key)] = float(stat["mean"])
@@ -213,9 +231,10 @@ def attach_report(experiment_id: str, details_file: str | Path,
                   report_file: str | Path) -> str | None:
     """Attach the report (reports/summary.md) to the evaluation run that wrote `details_file`
     (the newest FINISHED one whose details_sha256 tag is that file's sha256): as an artifact,
-    and as the run's description, which the UI shows on the run's page. Returns the run id;
-    None, with a warning, when this store has no such run (the details pulled from a DVC remote
-    or a fresh mlflow.db)."""
+    and as the run's description, which the UI shows first on the run's page, led by the
+    verdict, the models best first and the figures of the `figures` run that followed it
+    (description.description). Returns the run id; None, with a warning, when this store has no
+    such run (the details pulled from a DVC remote or a fresh mlflow.db)."""
     import mlflow
 
     sha = sha256_file(details_file)
@@ -227,13 +246,53 @@ def attach_report(experiment_id: str, details_file: str | Path,
         print(f"warning: no evaluation run in {mlflow.get_tracking_uri()} wrote {details_file} "
               f"(sha256 {sha[:12]}...); the report is not attached to one", file=sys.stderr)
         return None
-    run_id = runs[0].info.run_id
+    run = runs[0]
     report_file = Path(report_file)
-    client.log_artifact(run_id, str(report_file), report_file.parent.name or None)
-    text = report_file.read_text()
-    note = (f"The report of this evaluation ({report_file.parent.name}/{report_file.name}, also "
-            "under Artifacts); its figure links point into the repository, the PNGs are in the "
-            "`figures` run. Each model's headline is also its child run NAME-eval.\n\n")
-    if len(note) + len(text) <= MAX_DESCRIPTION:
-        client.set_tag(run_id, "mlflow.note.content", note + text)
-    return run_id
+    client.log_artifact(run.info.run_id, str(report_file), report_file.parent.name or None)
+    details = read_json(details_file)
+    headline = _logged_headline(run.info.run_id, experiment_id, list(details))
+    text = description(headline, {n: details[n] for n in headline},
+                       figures_md=_figures_of(experiment_id, run.info.start_time),
+                       report=report_file.read_text(),
+                       report_name=f"{report_file.parent.name}/{report_file.name}",
+                       limit=MAX_DESCRIPTION)
+    client.set_tag(run.info.run_id, "mlflow.note.content", text)
+    return run.info.run_id
+
+
+def _logged_headline(run_id: str, experiment_id: str, names: Sequence[str]) -> dict[str, dict]:
+    """The headline of each model (in `names`' order) as log_results put it on the evaluation
+    run's child NAME-eval: {"mse": {mean, std}, "sse_per_image": {mean, std}, "n"}."""
+    import mlflow
+
+    children = mlflow.MlflowClient().search_runs(
+        [experiment_id], f"tags.mlflow.parentRunId = {quoted(run_id)}", max_results=10_000)
+    by_name = {r.info.run_name: r for r in children}
+    headline = {}
+    for name in names:
+        run = by_name.get(model_evaluation_name(name))
+        if run is None or "test_mse" not in run.data.metrics:
+            continue
+        m = run.data.metrics
+        headline[name] = {"mse": {"mean": m["test_mse"], "std": m.get("test_mse_std", 0.0)},
+                          "n": int(run.data.tags.get("replicas", "0") or 0)}
+        if "test_sse_per_image" in m:
+            headline[name]["sse_per_image"] = {"mean": m["test_sse_per_image"],
+                                               "std": m.get("test_sse_per_image_std", 0.0)}
+    return headline
+
+
+def _figures_of(experiment_id: str, since_ms: int) -> str:
+    """The PNGs of the newest FINISHED `figures` run started after `since_ms` (the evaluation
+    run's start: the figures drawn from its results) as Markdown images; "" when there is none."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([experiment_id], "tags.stage = 'figures' AND "
+                              f"attributes.status = 'FINISHED' AND attributes.start_time >= "
+                              f"{int(since_ms)}", order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    if not runs:
+        return ""
+    run_id = runs[0].info.run_id
+    return figures(run_id, [a.path for a in client.list_artifacts(run_id, "figures")])

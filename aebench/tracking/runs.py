@@ -36,6 +36,10 @@ COLOR_TAG = "mlflow.runColor"  # the UI reads a run's colour from this tag
 FINAL_SECTION = "final"
 FINAL_METRICS = ("test_mse", "test_mse_std")
 FINAL_SSE = "sse_per_image"  # N_PIXELS x the final test_mse
+# On a model's training run, its best replica (lowest final test MSE; MLflow's tuning examples
+# log the best child on the parent): the child's run name, and its id
+BEST_REPLICA_TAG = "best_replica"
+BEST_REPLICA_ID_TAG = "best_replica_run_id"
 
 
 def final_metric(key: str) -> str:
@@ -187,14 +191,21 @@ def log_epochs(epochs: Sequence[Mapping[str, float]],
         mlflow.MlflowClient().log_batch(run.info.run_id, metrics=metrics)
 
 
+def _tidy(value: float) -> float:
+    """A value at the committed files' digits (rounded); a nan or inf as it is."""
+    shown = rounded(float(value))
+    return float(value) if shown is None else shown
+
+
 def log_training_curve(rows: Sequence[Mapping[str, float]]) -> None:
     """The model's results on its training run, after every replica has finished: per epoch
     (step = epoch) the mean and std over replicas of each metric in `rows` (the rows of
-    plots/curves/NAME.csv: test_mse, test_mse_std, train_loss, train_loss_std), so the runs
-    table shows each model's final values on its own row and the chart view one curve per
-    model, without expanding the replicas; and the last epoch's test MSE and its std as
-    final/test_mse and final/test_mse_std (FINAL_METRICS, at step 0, at the CSV's digits), and
-    784 x that test MSE as final/sse_per_image: the bar charts that open the chart view."""
+    plots/curves/NAME.csv: test_mse, test_mse_std, train_loss, train_loss_std), at the CSV's
+    digits, so the runs table shows each model's final values on its own row and the chart
+    view one curve per model, without expanding the replicas; the last epoch's test MSE and its
+    std as final/test_mse and final/test_mse_std (FINAL_METRICS, at step 0), and 784 x that
+    test MSE as final/sse_per_image: the bar charts that open the chart view; and its best
+    replica (log_best_replica)."""
     import mlflow
     from mlflow.entities import Metric
 
@@ -204,14 +215,36 @@ def log_training_curve(rows: Sequence[Mapping[str, float]]) -> None:
                            "replica runs have ended")
     if not rows:
         raise ValueError("log_training_curve: no epochs")
-    log_epochs(rows)
+    log_epochs([{k: v if k == "epoch" else _tidy(v) for k, v in row.items()} for row in rows])
     now = int(time.time() * 1000)
-    final = []
-    for key in FINAL_METRICS:
-        value = float(rows[-1][key])
-        shown = rounded(value)  # the CSV's digits; None for a nan or inf, logged as it is
-        final.append(Metric(final_metric(key), value if shown is None else shown, now, 0))
-    sse = N_PIXELS * final[0].value
-    final.append(Metric(final_metric(FINAL_SSE), rounded(sse) or sse, now, 0))
+    final = [Metric(final_metric(key), _tidy(rows[-1][key]), now, 0) for key in FINAL_METRICS]
+    final.append(Metric(final_metric(FINAL_SSE), _tidy(N_PIXELS * final[0].value), now, 0))
     with store_errors():
         mlflow.MlflowClient().log_batch(run.info.run_id, metrics=final)
+    log_best_replica(run.info.run_id, run.info.experiment_id)
+
+
+@store_errors()
+def log_best_replica(run_id: str, experiment_id: str) -> str | None:
+    """Name the best of a training run's finished replicas (lowest last test MSE) on the run:
+    the tags best_replica (NAME-r{i}) and best_replica_run_id, and the run's description,
+    which links to it. Returns the replica's run id; None when no replica has a test MSE."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = {quoted(run_id)} "
+                                  "AND attributes.status = 'FINISHED'", max_results=10_000)
+    scored = [(c.data.metrics["test_mse"], c.info.run_name, c) for c in children
+              if "test_mse" in c.data.metrics]
+    if not scored:
+        return None
+    mse, name, best = min(scored, key=lambda t: (t[0], t[1]))
+    seed = best.data.params.get("seed", "?")
+    client.set_tag(run_id, BEST_REPLICA_TAG, name)
+    client.set_tag(run_id, BEST_REPLICA_ID_TAG, best.info.run_id)
+    client.set_tag(run_id, "mlflow.note.content",
+                   f"Best replica: [{name}](#/experiments/{experiment_id}/runs/"
+                   f"{best.info.run_id}) (seed {seed}), last-epoch test MSE {mse:.3g}, of "
+                   f"{len(scored)} replica(s). This run holds the mean and std over them per "
+                   "epoch; final/* are the last epoch's.")
+    return best.info.run_id

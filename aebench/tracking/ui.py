@@ -13,14 +13,16 @@ of all runs, in the "Model training" view, then runs `mlflow ui` on it.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import socket
 import sys
 import time
 from pathlib import Path
 from urllib.parse import urlencode
 
-from .runs import final_metric
+from .runs import BEST_REPLICA_TAG, FINAL_SECTION, FINAL_SSE, final_metric
 from .store import EXPERIMENT, TrackingError, last_store, sqlite_path, store_errors
 
 HOST = "127.0.0.1"
@@ -59,15 +61,62 @@ def column(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"
 
 
+def _section(uuid: str, name: str) -> dict:
+    return {"uuid": uuid, "name": name, "display": True, "isReordered": False, "deleted": False,
+            "isGenerated": True}
+
+
+def _chart(kind: str, key: str, section: str, title: str = "", *, shown: bool = True,
+           log: bool = False) -> dict:
+    """A chart of the runs page's chart view (its saved form: MLflow's RunsChartsCardConfig);
+    `shown` False hides the chart the UI would otherwise generate for `key`."""
+    chart = {"type": kind, "uuid": f"aebench-{key}", "metricSectionId": section,
+             "isGenerated": True, "deleted": not shown, "metricKey": key,
+             "selectedMetricKeys": [key], "displayName": title or key, "runsCountToCompare": 100}
+    if kind == "LINE":
+        chart.update({"scaleType": "log" if log else "linear", "xAxisKey": "step",
+                      "xAxisScaleType": "linear", "selectedXAxisMetricKey": "",
+                      "lineSmoothness": 0, "useGlobalXaxisKey": False,
+                      "useGlobalLineSmoothing": False, "displayPoints": True,
+                      "range": {"xMin": None, "xMax": None, "yMin": None, "yMax": None}})
+    return chart
+
+
+# The chart view of the saved view: MLflow sorts metric sections by name and the bar labels
+# show two decimals, which for a test MSE (0.0009 .. 0.034) reads 0.00 .. 0.03. So it opens on
+# SSE per image (784 x the MSE, 0.71 .. 26.49: labels that differ), one bar per model in the
+# runs' order (best first), then the curves on a log scale; the charts that say nothing at a
+# glance (the std's bars, the MSE's 2-decimal bars) are hidden, a click away under "Add chart".
+FINAL, CURVES = "aebench-final", "aebench-curves"
+VIEW_SECTIONS = [_section(FINAL, FINAL_SECTION), _section(CURVES, "Model metrics")]
+VIEW_CHARTS = [
+    _chart("BAR", final_metric(FINAL_SSE), FINAL,
+           "SSE per image after the last epoch (784 × test MSE; lower is better)"),
+    _chart("BAR", final_metric("test_mse"), FINAL, shown=False),
+    _chart("BAR", final_metric("test_mse_std"), FINAL, shown=False),
+    _chart("LINE", "test_mse", CURVES, "test MSE per epoch, mean over replicas (log scale)",
+           log=True),
+    _chart("LINE", "train_loss", CURVES, "training loss per epoch, each source's own loss "
+           "(log scale)", log=True),
+    _chart("LINE", "test_mse_std", CURVES, shown=False),
+    _chart("LINE", "train_loss_std", CURVES, shown=False),
+]
+
+
 def models_view() -> dict:
     """The saved view's state: the training runs of the models (the runs that have a final
-    test MSE), lowest final test MSE first, with it, its std, the latent size and the parameter
-    count as columns; every run drawn in the charts (not only the first 10)."""
+    test MSE), lowest final test MSE first, with it, its std, SSE/image, the best replica, the
+    latent size and the parameter count as columns; every run drawn in the charts (not only
+    the first 10), as VIEW_CHARTS says."""
     mse = column("metrics", final_metric("test_mse"))
     return {"searchFilter": f"{mse} >= 0", "orderByKey": mse, "orderByAsc": True,
             "selectedColumns": [mse, column("metrics", final_metric("test_mse_std")),
+                                column("metrics", final_metric(FINAL_SSE)),
+                                column("tags", BEST_REPLICA_TAG),
                                 column("params", "latent_dim"), column("params", "n_params")],
-            "runsHiddenMode": "SHOW_ALL"}
+            "runsHiddenMode": "SHOW_ALL", "compareRunSections": VIEW_SECTIONS,
+            "compareRunCharts": VIEW_CHARTS, "isAccordionReordered": True,
+            "hideEmptyCharts": True}
 
 
 @store_errors()
@@ -94,6 +143,43 @@ def runs_address(port: int, experiment_id: str | None, *, view: bool = False,
     return f"{base}/{experiment_id}/runs?{urlencode(query)}"
 
 
+def port_taken(port: int, host: str = HOST) -> bool:
+    """Whether another program already listens on host:port. The MLflow server binds it as
+    uvicorn does (SO_REUSEADDR: a port left in TIME_WAIT by the last UI counts as free), and
+    when it cannot it logs "Address already in use" and exits 0: so this is asked first."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def port_error(port: int) -> str | None:
+    """Why the UI cannot listen on HOST:port (one line), or None."""
+    try:
+        if not port_taken(port):
+            return None
+    except OSError as err:
+        return f"--port {port}: {HOST}:{port} cannot be bound: {err.strerror}"
+    return (f"--port {port}: {HOST}:{port} is taken by another program; stop it, or choose "
+            "another port (make ui PORT=5001)")
+
+
+def tcp_port(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port; use 1..65535")
+    return port
+
+
 @store_errors()
 def _experiment_id(uri: str) -> str | None:
     import mlflow
@@ -107,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make ui", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("store", nargs="?", help="a folder with mlflow.db, a .db file or a URI")
-    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--port", type=tcp_port, default=5000)
     args = parser.parse_args(argv)
     try:
         uri = store_uri(args.store)
@@ -116,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     path = sqlite_path(uri)
+    error = port_error(args.port) if path is not None else None  # before any address
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"MLflow store: {uri}" + ("" if args.store else " (the last run's; make ui STORE=... "
                                     "for another)"))
     if path is None:
