@@ -219,7 +219,7 @@ def announce(order: list[str], remote: str) -> None:
 def pull(root: Path, remote: str) -> str:
     """`dvc pull` what the remote has; what the report says of it."""
     if not remote:
-        return "none configured; every missing output was re-made."
+        return "none configured: every output this clone lacks is re-made."
     proc = dvc("pull", "--allow-missing", cwd=root, check=False)
     if proc.returncode == 0:
         return f"{remote}: pulled what it had."
