@@ -1,12 +1,15 @@
 """`aebench review [BASE]`: the pull-request check, run in a clean clone of the PR's head.
 
-It gets what it can from the DVC remote, re-runs every stage whose dvc.lock entry differs
-from BASE's (and any stage `dvc status` finds out of date or missing its outputs), and checks
-that the re-run outputs equal the committed ones: byte for byte, or, where retrained weights
-differ (another CPU family or a GPU rounds differently), every model within seed noise and
-every model whose weights are unchanged bit-identical. It writes one Markdown report: the
-compare summary BASE -> HEAD, `dvc params diff`, the stages re-run and their times, and the
-verdict. The re-run results stay in the working copy (`git status` shows what differs).
+It refuses YAML alias bombs before DVC reads anything (aebench/yaml_bounds.py), gets what it
+can from the DVC remote, and re-runs every stage whose dvc.lock entry differs from BASE's (and
+any stage `dvc status` finds out of date, missing its outputs, or whose committed outputs are
+not what dvc.lock records: forged, aebench/forged.py). It then checks that the re-run outputs
+equal the committed ones: byte for byte, or, where retrained weights differ (another CPU family
+or a GPU rounds differently), every model within seed noise and every model whose weights are
+unchanged bit-identical (aebench/reproduction.py). It writes one Markdown report
+(aebench/review_report.py): the verdict, the compare summary BASE -> HEAD as re-run (never a
+committed number that was not reproduced), `dvc params diff`, the stages re-run and their
+times. The re-run results stay in the working copy (`git status` shows what differs).
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ from . import forged, stats, yaml_bounds
 from .changes import compare
 from .compare import alpha_arg, render
 from .files import write_text
+from .reproduction import TRAIN, verify
 from .review_report import Rerun, report
-from .revisions import WORKSPACE, BadInput, Side, load
+from .revisions import WORKSPACE, BadInput, load
 
-TRAIN = "train"  # dvc.yaml's foreach stage: train@<model> writes that model's weights
 HELP = """\
 exit codes: 0 the committed results are what the code produces (byte-identical, or within
   seed noise where retrained weights differ); 1 they are not (the report names the stages and
@@ -68,19 +71,6 @@ def lock_at(root: Path, rev: str) -> dict[str, dict]:
     """The stages of dvc.lock at a revision ({} where there is none)."""
     proc = run("git", "show", f"{rev}:dvc.lock", cwd=root, check=False)
     return (yaml.safe_load(proc.stdout) or {}).get("stages", {}) if proc.returncode == 0 else {}
-
-
-def hashes(entry: dict, key: str) -> dict[str, str]:
-    """path -> hash of a lock entry's deps or outs (params: key -> value)."""
-    if key == "params":
-        return {f"{f}:{k}": json.dumps(v, sort_keys=True)
-                for f, ps in entry.get("params", {}).items() for k, v in ps.items()}
-    return {d["path"]: d.get("md5") or d.get("hash", "") for d in entry.get(key, [])}
-
-
-def differing(new: dict, old: dict, key: str) -> list[str]:
-    a, b = hashes(new, key), hashes(old, key)
-    return sorted(p for p in a.keys() | b.keys() if a.get(p) != b.get(p))
 
 
 def to_rerun(status: dict, base_lock: dict, head_lock: dict) -> dict[str, str]:
@@ -122,78 +112,6 @@ def rerun_stages(root: Path, stages: list[str]) -> dict[str, float]:
         raise Failed(f"`dvc repro` failed in {current or 'its set-up'}: "
                      + next((t for t in reversed(tail) if t), "(no output)"))
     return seconds
-
-
-def lock_differences(new_lock: dict, head_lock: dict, stages) -> tuple[dict, dict]:
-    """({stage: outs that differ}, {stage: deps, params or cmd that differ}) of the re-run's
-    dvc.lock against the committed one. A dep that is a re-run output which differs is that
-    output's story, not a stale dvc.lock."""
-    differ = {s: differing(new_lock.get(s, {}), head_lock.get(s, {}), "outs") for s in stages}
-    differ = {s: outs for s, outs in differ.items() if outs}
-    produced = {p for paths in differ.values() for p in paths}
-    stale = {}
-    for stage in stages:
-        new, old = new_lock.get(stage, {}), head_lock.get(stage, {})
-        found = [p for p in differing(new, old, "deps") if p not in produced]
-        found += differing(new, old, "params") + (["cmd"] if new.get("cmd") != old.get("cmd")
-                                                  else [])
-        if found:
-            stale[stage] = found
-    return differ, stale
-
-
-def noise_problems(committed: Side, rerun: Side, retrained: list[str],
-                   alpha: float) -> list[str]:
-    """Why the committed results are not the re-run's within seed noise, where the weights of
-    `retrained` came out different: every other model must be bit-identical, and each of these
-    within seed noise (Welch: unpaired on purpose, see docs/compare.md) without a spread flag."""
-    problems = []
-    for r in compare(committed, rerun, alpha, paired=False):
-        if r.model not in retrained and r.verdict != "identical":
-            problems.append(f"{r.model}: its weights are byte-identical but its metrics differ "
-                            f"({committed.files.get(r.model, r.model)})")
-        elif r.model in retrained and (r.verdict not in ("identical", "within noise")
-                                       or r.spread):
-            verdict = r.verdict + (f"; {r.spread}" if r.spread else "")
-            problems.append(f"{r.model}: retrained, and the committed metrics are not within "
-                            f"seed noise of the re-run ({verdict})")
-    return problems
-
-
-def changed_files(root: Path, outs: list[str]) -> list[str]:
-    """The files of `outs` that differ from HEAD, where git tracks them (cache: false outputs),
-    each with its committed and its reproduced value; an output in DVC's cache (weights, data)
-    is named whole."""
-    named = []
-    for out in outs:
-        files = forged.changed_files(root, out) if forged.tracked(root, out) else []
-        named += [f"{f} ({forged.compared(root, f)})" for f in files] or [out]
-    return named
-
-
-def verify(root: Path, rerun: Rerun, head_lock: dict, exact: bool, alpha: float) -> None:
-    """Fill rerun.differ / stale / problems / note from the re-run's dvc.lock."""
-    new_lock = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages", {})
-    rerun.differ, rerun.stale = lock_differences(new_lock, head_lock, rerun.stages)
-    rerun.problems += [f"dvc.lock of `{s}` is out of date ({', '.join(paths)}): run `dvc "
-                       "repro` and commit dvc.lock" for s, paths in rerun.stale.items()]
-    if not rerun.differ:
-        rerun.note = "every re-run output is byte-identical to the committed one"
-        return
-    retrained = sorted(s.split("@", 1)[1] for s in rerun.differ if s.startswith(f"{TRAIN}@"))
-    files = "; ".join(f"{stage}: {', '.join(changed_files(root, paths))}"
-                      for stage, paths in rerun.differ.items())
-    if exact or not retrained:
-        why = "--exact" if exact else "no model's weights changed, so nothing may differ"
-        rerun.problems.append(f"not byte-identical ({why}): {files}")
-        return
-    rerun.problems += noise_problems(load("HEAD", str(root)), load(WORKSPACE, str(root)),
-                                     retrained, alpha)
-    if not rerun.problems:
-        rerun.note = (f"within seed noise: the weights of {', '.join(retrained)} differ from the "
-                      "committed ones (another CPU family or a GPU rounds differently), and "
-                      "every model's committed mse is within seed noise of the re-run (Welch); "
-                      f"not byte-identical: {files}")
 
 
 def default_remote(root: Path) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, ValidationError
 
+from . import yaml_bounds
 from .metric_files import first_error, problem
 
 WORKSPACE = "workspace"
@@ -64,6 +65,12 @@ def load(typed: str, repo: str | None = None) -> Side:
     with Repo(Repo.find_root(repo)) as dvc_repo:
         root = Path(dvc_repo.root_dir)
         commit = None if typed == WORKSPACE else resolve_rev(dvc_repo.scm, typed)
+        try:  # an alias bomb in a YAML file would take DVC gigabytes: refused first
+            yaml_bounds.check_workspace(root)
+            if commit:
+                yaml_bounds.check_revision(root, commit)
+        except yaml_bounds.TooLarge as err:
+            raise BadInput(str(err)) from None
         # DVC always reads the workspace too, and fails on a broken workspace file even when
         # both sides are commits: ask for errors per file and keep this revision's only.
         shown = dvc_repo.metrics.show(revs=[commit] if commit else None, on_error="return",

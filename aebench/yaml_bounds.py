@@ -6,11 +6,16 @@ any of this project's code runs and then walks what it parsed: `dvc status` and 
 grow to gigabytes on such a file. Here the file is only composed (PyYAML's composer keeps one
 node per anchor, so this costs what the text costs) and its size after alias expansion is
 counted on that node graph, each anchored subtree once (memo), without building it.
+
+`aebench review` and `aebench compare` check every revision they read; `make repro` runs
+`python -m aebench.yaml_bounds` (the working copy) before `dvc repro`. A bare `dvc repro` or
+`dvc status` cannot be guarded: DVC has no hook that runs before it parses (docs/faults.md).
 """
 
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 
 import yaml
@@ -104,3 +109,31 @@ def check_revision(root: Path, rev: str) -> None:
         shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True)
         if shown.returncode == 0:  # a submodule or the like: nothing DVC reads as a file
             check_text(shown.stdout.decode(errors="replace"), f"{rev}:{path}")
+
+
+def check_workspace(root: Path) -> None:
+    """Check every YAML file of the working copy that git does not ignore."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=root, capture_output=True)
+    paths = listed.stdout.decode().split("\0") if listed.returncode == 0 else \
+        ["params.yaml", "dvc.yaml", "dvc.lock"]  # not a git repository: DVC's own files
+    for path in filter(is_dvc_yaml, filter(None, paths)):
+        try:
+            text = (root / path).read_bytes().decode(errors="replace")
+        except OSError:  # listed by git but deleted, or a folder: DVC reads nothing there
+            continue
+        check_text(text, path)
+
+
+def main() -> int:
+    """`python -m aebench.yaml_bounds`: check the working copy here before `dvc repro`."""
+    try:
+        check_workspace(Path.cwd())
+    except TooLarge as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,7 @@ import yaml
 from conftest import REPO, store_folder, write_idx_set
 from test_compare import side
 
-from aebench import review, yaml_bounds
+from aebench import reproduction, yaml_bounds
 from aebench.smoke import copy_repo
 
 BIN = Path(sys.executable).parent
@@ -149,7 +149,7 @@ def test_lock_differences_tell_outputs_from_stale_deps():
                 figures=({"metrics": "m1", "aebench/figures.py": "c1"}, {"plots/figures": "f"}))
     rerun = lock(evaluate=({"data/models": "w"}, {"metrics": "m2"}),
                  figures=({"metrics": "m2", "aebench/figures.py": "c2"}, {"plots/figures": "f"}))
-    differ, stale = review.lock_differences(rerun, head, ["evaluate", "figures"])
+    differ, stale = reproduction.lock_differences(rerun, head, ["evaluate", "figures"])
     assert differ == {"evaluate": ["metrics"]}
     assert stale == {"figures": ["aebench/figures.py"]}  # metrics: evaluate's output, not stale
 
@@ -157,15 +157,15 @@ def test_lock_differences_tell_outputs_from_stale_deps():
 def test_within_seed_noise_where_weights_differ():
     committed = side({"a": [0.0100, 0.0110, 0.0120], "b": [0.020, 0.021, 0.022]})
     close = side({"a": [0.0101, 0.0109, 0.0121], "b": [0.020, 0.021, 0.022]})
-    assert review.noise_problems(committed, close, ["a"], 0.05) == []
+    assert reproduction.noise_problems(committed, close, ["a"], 0.05) == []
     far = side({"a": [0.0200, 0.0210, 0.0220], "b": [0.020, 0.021, 0.022]})
-    assert review.noise_problems(committed, far, ["a"], 0.05) == [
+    assert reproduction.noise_problems(committed, far, ["a"], 0.05) == [
         "a: retrained, and the committed metrics are not within seed noise of the re-run "
         "(worse)"]
-    assert review.noise_problems(committed, close, [], 0.05) == [
+    assert reproduction.noise_problems(committed, close, [], 0.05) == [
         "a: its weights are byte-identical but its metrics differ (metrics/a.json)"]
     wild = side({"a": [0.0010, 0.0110, 0.0210], "b": [0.020, 0.021, 0.022]})
-    assert review.noise_problems(committed, wild, ["a"], 0.05) == [
+    assert reproduction.noise_problems(committed, wild, ["a"], 0.05) == [
         "a: retrained, and the committed metrics are not within seed noise of the re-run "
         "(within noise; spread ×10)"]
 
