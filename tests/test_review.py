@@ -5,6 +5,7 @@ hand-edits a committed metric and `dvc commit`s it. Also the workflow that runs 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import yaml
 from conftest import REPO, store_folder, write_idx_set
 from test_compare import side
 
-from aebench import reproduction, yaml_bounds
+from aebench import forged, reproduction, yaml_bounds
 from aebench.smoke import copy_repo
 
 BIN = Path(sys.executable).parent
@@ -359,6 +360,26 @@ def test_a_yaml_alias_bomb_is_refused_before_dvc_reads_it(small_repo, env, name)
     assert proc.stderr == (f"aebench review: {head}:{name}: refused before DVC reads it: its "
                            "anchors and aliases expand to more than 1,000,000 YAML nodes (an "
                            "alias bomb: DVC would take gigabytes of memory)\n")
+
+
+def test_each_kind_of_file_is_named_with_its_committed_and_reproduced_value():
+    diff = forged.difference
+    assert diff("m.json", b'{"mse": {"mean": 0.001, "std": 1}, "n": 3}',
+                b'{"mse": {"mean": 0.0585, "std": 2}, "n": 3}') == \
+        "mse.mean: committed 0.001, reproduced 0.0585 (and 1 more value)"
+    assert diff("d.json", b'{"a": {"replicas": [1, 2]}}', b'{"a": {"replicas": [1, 3]}}') == \
+        "a.replicas.1: committed 2, reproduced 3"
+    assert diff("d.json", b'{"a": 1}', b'{"a": 1, "b": "x"}') == \
+        'b: committed "(absent)", reproduced "x"'
+    assert diff("s.md", b"# t\n| a | 0.1 |\n", b"# t\n| a | 0.2 |\n") == \
+        'line 2: committed "| a | 0.1 |", reproduced "| a | 0.2 |"'
+    assert diff("c.csv", b"x\n1\n", b"x\n1\n2\n") == \
+        'line 3: committed (no such line), reproduced "2"'
+    png, other = b"\x89PNG\r\n\x1a\n\xff", b"\x89PNG\r\n\x1a\n\xfe\xfe"
+    assert diff("f.png", png, other) == (
+        f"committed md5 {hashlib.md5(png).hexdigest()} (9 bytes), reproduced md5 "
+        f"{hashlib.md5(other).hexdigest()} (10 bytes)")
+    assert diff("f.png", None, png) == "committed (absent), reproduced present"
 
 
 def test_yaml_sizes_are_counted_without_expanding():
