@@ -97,7 +97,7 @@ def flow(tmp_path_factory, env) -> dict:
 
     path = work / "metrics" / "under30.json"  # a committed metric edited by hand
     data = json.loads(path.read_text())
-    real = data["mse"]["mean"]
+    real = first_metric = data["mse"]["mean"]
     data["mse"]["mean"] = edited = round(real * 0.9, 6)
     path.write_text(json.dumps(data, indent=2) + "\n")
     sh(env, work, "dvc", "commit", "-f", "-q")
@@ -105,7 +105,20 @@ def flow(tmp_path_factory, env) -> dict:
     shutil.rmtree(clone)
     sh(env, top, "git", "clone", "-q", "-b", "pr", str(origin), str(clone))
     second = run_review(env, clone, rc=1)
-    return {"first": first, "second": second, "clone": clone, "edit": (edited, real)}
+
+    # the issue's case: numbers edited by hand on the first PR commit, dvc.lock untouched
+    sh(env, work, "git", "checkout", "-q", "-b", "pr2", "pr~1")
+    edit_json(path, lambda d: d["mse"].update(mean=0.001))
+    details = work / "reports" / "details.json"
+    replica = json.loads(details.read_text())["under30"]["replicas"][0]["mse"]
+    edit_json(details, lambda d: d["under30"]["replicas"][0].update(mse=0.0005))
+    sh(env, work, "git", "commit", "-qam", "pr2: better numbers, by hand")
+    sh(env, work, "git", "push", "-q", "origin", "pr2")
+    shutil.rmtree(clone)
+    sh(env, top, "git", "clone", "-q", "-b", "pr2", str(origin), str(clone))
+    third = run_review(env, clone, rc=1)
+    return {"first": first, "second": second, "third": third, "clone": clone,
+            "edit": (edited, real), "real": (first_metric, replica)}
 
 
 @pytest.mark.e2e
@@ -133,6 +146,25 @@ def test_a_hand_edited_metric_fails_review(flow):
     table = rerun_table(report)
     assert table["train@under30"] == "byte-identical"
     assert table["evaluate"] == "metrics differ"
+
+
+@pytest.mark.e2e
+def test_numbers_edited_without_dvc_lock_fail_review_naming_both_values(flow):
+    """The issue's case: mse.mean set to 0.001 and a replica's mse in reports/details.json
+    edited, committed without touching dvc.lock. The re-run reproduces dvc.lock, but the
+    committed files are not what it records."""
+    report, (mean, replica) = flow["third"], flow["real"]
+    verdict = report.split("## Metrics", 1)[0]
+    assert "**Not reproduced**" in verdict and "byte-identical" not in verdict
+    what = "committed, but not what dvc.lock records for `evaluate` (`dvc status`: modified): " \
+           "edited without its dvc.lock; "
+    assert f"- metrics/under30.json: {what}mse.mean: committed 0.001, reproduced {mean}\n" \
+        in verdict
+    assert f"- reports/details.json: {what}under30.replicas.0.mse: committed 0.0005, " \
+           f"reproduced {replica}\n" in verdict
+    summary = report.split("## Metrics", 1)[1].split("## Params", 1)[0]
+    assert "0.001 " not in summary and "-98" not in summary
+    assert rerun_table(report)["evaluate"].startswith("byte-identical; committed ")
 
 
 # --------------------------------------------------------------------------- the parts
