@@ -1,7 +1,9 @@
 """`aebench review`, playing a pull request's flow on this machine with tiny params: a bare git
 repository as origin and a local folder as the DVC remote; main with its results pushed; a PR
 branch that changes one model's epochs, reviewed in a fresh clone; then a second PR commit that
-hand-edits a committed metric and `dvc commit`s it. Also the workflow that runs it in CI."""
+hand-edits a committed metric and `dvc commit`s it; then a branch that hand-edits a metric and
+reports/details.json without touching dvc.lock. Also tiny hand-made pipelines (no training)
+for forged numbers, --output and YAML alias bombs, and the workflow that runs review in CI."""
 
 from __future__ import annotations
 
@@ -72,7 +74,8 @@ def rerun_table(report: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory, env) -> dict:
-    """The PR flow; the two review reports. About 3 minutes on an idle 2-core machine."""
+    """The PR flow; the three review reports. About 4 to 5 minutes on an idle 2-core machine
+    (11 on this shared one)."""
     top = tmp_path_factory.mktemp("review")
     origin, remote = top / "origin.git", top / "dvc-remote"
     sh(env, top, "git", "init", "-q", "--bare", str(origin))
