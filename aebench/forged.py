@@ -28,16 +28,29 @@ def tracked(root: Path, path: str) -> bool:
     return bool(git(root, "ls-files", "-z", "--", path))
 
 
-def forged_outs(root: Path, status: dict) -> dict[str, list[str]]:
-    """stage -> its git-tracked outputs that `dvc status --json` (run on the clean checkout of
-    HEAD) reports `modified`: committed bytes that do not match dvc.lock's md5."""
-    found: dict[str, list[str]] = {}
+def ignored(root: Path, path: str) -> bool:
+    """Whether git ignores `path` (DVC lists its cached outputs in .gitignore)."""
+    return subprocess.run(["git", "check-ignore", "-q", "--", path], cwd=root).returncode == 0
+
+
+def committed_wrong(root: Path, path: str, how: str) -> bool:
+    """A committed output that is not what dvc.lock records: changed, or removed from git (an
+    output git does not ignore is a committed one, `cache: false`)."""
+    return (how == "modified" and tracked(root, path)) or \
+        (how == "deleted" and not ignored(root, path))
+
+
+def forged_outs(root: Path, status: dict) -> dict[str, dict[str, str]]:
+    """stage -> {output: how} of its committed outputs that `dvc status --json` (run on the
+    clean checkout of HEAD) reports `modified` (bytes that do not hash to dvc.lock's md5) or
+    `deleted`."""
+    found: dict[str, dict[str, str]] = {}
     for stage, changes in status.items():
         for change in changes:
             outs = change.get("changed outs", {}) if isinstance(change, dict) else {}
-            paths = sorted(p for p, how in outs.items() if how == "modified" and tracked(root, p))
-            if paths:
-                found.setdefault(stage.split(":")[-1], []).extend(paths)
+            for path, how in sorted(outs.items()):
+                if committed_wrong(root, path, how):
+                    found.setdefault(stage.split(":")[-1], {})[path] = how
     return found
 
 
@@ -101,14 +114,14 @@ def difference(path: str, old: bytes | None, new: bytes | None) -> str:
     return f"line {n + 1}: committed {line(a_lines)}, reproduced {line(b_lines)}"
 
 
-def problems(root: Path, forged: dict[str, list[str]], reproduced: bool) -> list[str]:
+def problems(root: Path, forged: dict[str, dict[str, str]], reproduced: bool) -> list[str]:
     """One line per forged file: its committed and its reproduced value (once the re-run of its
     stage has written it: `reproduced`)."""
     lines = []
     for stage, outs in forged.items():
-        for out in outs:
+        for out, how in outs.items():
             what = f"committed, but not what dvc.lock records for `{stage}` (`dvc status`: " \
-                   "modified): edited without its dvc.lock"
+                   f"{how}): {'edited' if how == 'modified' else 'removed'} without its dvc.lock"
             if not reproduced:
                 lines.append(f"{out}: {what}; the re-run stopped before reproducing it")
                 continue

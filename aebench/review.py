@@ -230,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     except (Failed, BadInput, yaml_bounds.TooLarge) as e:
         print(f"aebench review: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # DVC's own errors: exit 2 (an error), never 1 (not reproduced)
+        print(f"aebench review: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
     print(text, end="")
     if args.output:
         try:

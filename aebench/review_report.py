@@ -13,8 +13,8 @@ class Rerun:
     seconds: dict[str, float] = field(default_factory=dict)
     differ: dict[str, list[str]] = field(default_factory=dict)  # stage -> outs not as committed
     stale: dict[str, list[str]] = field(default_factory=dict)   # stage -> deps/params not either
-    forged: dict[str, list[str]] = field(default_factory=dict)  # stage -> committed outs that
-    #                                                             do not match dvc.lock
+    forged: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> {committed
+    #                                      output that does not match dvc.lock: modified/deleted}
     problems: list[str] = field(default_factory=list)       # why it is not reproduced
     note: str = ""                                           # how it was reproduced
     error: str = ""                                          # why the re-run stopped

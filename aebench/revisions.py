@@ -147,12 +147,13 @@ def read_text(root: Path, path: str, commit: str | None) -> str | None:
     """A file at a commit (through DVC, which also reads git-tracked files) or in the
     workspace; None when it is not there."""
     import dvc.api
+    from dvc.exceptions import PathMissingError
 
     try:
         if commit is None:
             return (root / path).read_text()
         return dvc.api.read(path, repo=str(root), rev=commit, mode="r")
-    except FileNotFoundError:
+    except (FileNotFoundError, PathMissingError):  # DVC: neither an output nor in git there
         return None
 
 

@@ -15,7 +15,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from aebench import __main__ as cli_main
-from aebench import changes, compare, stats
+from aebench import changes, compare, revisions, stats
 from aebench.revisions import Details, Side
 
 # --------------------------------------------------------------------------- made-up models
@@ -366,6 +366,31 @@ def test_missing_metrics_at_a_commit_name_the_commit(repo):
     rc, _, err = run(repo, "empty", "v1")
     assert rc == 2
     assert err == f"aebench compare: {sha(repo, 'empty')[:7]} (empty): metrics: no such file\n"
+
+
+def test_a_details_file_missing_at_a_commit_falls_back_to_welch(tmp_path):
+    """dvc.yaml names reports/details.json, which that commit lacks: DVC's PathMissingError is
+    "not there" (Welch on mean ± std), not a traceback."""
+    from dvc.repo import Repo
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    git(root, "init", "-q")
+    git(root, "config", "user.email", "t@example.com")
+    git(root, "config", "user.name", "t")
+    Repo.init(str(root)).close()
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    (root / "metrics").mkdir()
+    (root / "reports").mkdir()
+    write_side(root, MODELS_A)
+    (root / "reports" / "details.json").unlink()
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "no details")
+    assert revisions.load("HEAD", str(root)).replicas == {}
+    write_side(root, MODELS_B)
+    rc, out, err = run(root, "HEAD", "workspace")
+    assert rc == 0, err
+    assert "| Welch (no per-seed values in A) |" in out
 
 
 OLD_DVC_YAML = """stages:

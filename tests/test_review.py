@@ -397,6 +397,22 @@ def test_a_yaml_alias_bomb_is_refused_before_dvc_reads_it(small_repo, env, name)
                            "alias bomb: DVC would take gigabytes of memory)\n")
 
 
+def test_forged_outputs_are_the_committed_ones_dvc_status_finds_changed(small_repo):
+    """Of the outputs `dvc status` reports, the committed ones (git tracks them, or, removed,
+    git does not ignore them) that are modified or deleted; a cached output missing after a
+    pull (ignored, as DVC's .gitignore lists it) is not."""
+    root = small_repo
+    (root / "metrics").mkdir()
+    (root / "metrics" / "m.json").write_text("{}")
+    (root / ".gitignore").write_text("/data\n")
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    status = {"dvc.yaml:s": [{"changed deps": {"run.sh": "modified"}}, {"changed outs": {
+        "metrics": "modified", "data/w": "deleted", "reports/details.json": "deleted",
+        "data/v": "not in cache"}}], "t": [{"changed outs": {"data/u": "modified"}}]}
+    assert forged.forged_outs(root, status) == {
+        "s": {"metrics": "modified", "reports/details.json": "deleted"}}
+
+
 def test_each_kind_of_file_is_named_with_its_committed_and_reproduced_value():
     diff = forged.difference
     assert diff("m.json", b'{"mse": {"mean": 0.001, "std": 1}, "n": 3}',
