@@ -66,14 +66,14 @@ def noise_problems(committed: Side, rerun: Side, retrained: list[str],
     return problems
 
 
-def changed_files(root: Path, outs: list[str]) -> list[str]:
+def changed_files(root: Path, outs: list[str], values: bool) -> list[str]:
     """The files of `outs` that differ from HEAD, where git tracks them (cache: false outputs),
-    each with its committed and its reproduced value; an output in DVC's cache (weights, data)
-    is named whole."""
+    each with its committed and its reproduced value where `values`; an output in DVC's cache
+    (weights, data) is named whole."""
     named = []
     for out in outs:
         files = forged.changed_files(root, out) if forged.tracked(root, out) else []
-        named += [f"{f} ({forged.compared(root, f)})" for f in files] or [out]
+        named += [f"{f} ({forged.compared(root, f)})" if values else f for f in files] or [out]
     return named
 
 
@@ -87,11 +87,13 @@ def verify(root: Path, rerun: Rerun, head_lock: dict, exact: bool, alpha: float)
         rerun.note = "every re-run output is byte-identical to the committed one"
         return
     retrained = sorted(s.split("@", 1)[1] for s in rerun.differ if s.startswith(f"{TRAIN}@"))
-    files = "; ".join(f"{stage}: {', '.join(changed_files(root, paths))}"
-                      for stage, paths in rerun.differ.items())
+    def files(values: bool) -> str:
+        return "; ".join(f"{stage}: {', '.join(changed_files(root, paths, values))}"
+                         for stage, paths in rerun.differ.items())
+
     if exact or not retrained:
         why = "--exact" if exact else "no model's weights changed, so nothing may differ"
-        rerun.problems.append(f"not byte-identical ({why}): {files}")
+        rerun.problems.append(f"not byte-identical ({why}): {files(True)}")
         return
     rerun.problems += noise_problems(load("HEAD", str(root)), load(WORKSPACE, str(root)),
                                      retrained, alpha)
@@ -99,4 +101,4 @@ def verify(root: Path, rerun: Rerun, head_lock: dict, exact: bool, alpha: float)
         rerun.note = (f"within seed noise: the weights of {', '.join(retrained)} differ from the "
                       "committed ones (another CPU family or a GPU rounds differently), and "
                       "every model's committed mse is within seed noise of the re-run (Welch); "
-                      f"not byte-identical: {files}")
+                      f"not byte-identical: {files(False)}")
