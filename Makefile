@@ -20,7 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --progress-bar on -e '.[dev]'
 	touch $@
 
+# The YAML files DVC reads are checked first: an alias bomb would take `dvc repro` gigabytes.
 repro: $(STAMP)
+	$(BIN)/python -m aebench.yaml_bounds
 	$(BIN)/dvc repro
 
 test: $(STAMP)

@@ -1,12 +1,15 @@
 """`aebench review [BASE]`: the pull-request check, run in a clean clone of the PR's head.
 
-It gets what it can from the DVC remote, re-runs every stage whose dvc.lock entry differs
-from BASE's (and any stage `dvc status` finds out of date or missing its outputs), and checks
-that the re-run outputs equal the committed ones: byte for byte, or, where retrained weights
-differ (another CPU family or a GPU rounds differently), every model within seed noise and
-every model whose weights are unchanged bit-identical. It writes one Markdown report: the
-compare summary BASE -> HEAD, `dvc params diff`, the stages re-run and their times, and the
-verdict. The re-run results stay in the working copy (`git status` shows what differs).
+It refuses YAML alias bombs before DVC reads anything (aebench/yaml_bounds.py), gets what it
+can from the DVC remote, and re-runs every stage whose dvc.lock entry differs from BASE's (and
+any stage `dvc status` finds out of date, missing its outputs, or whose committed outputs are
+not what dvc.lock records: forged, aebench/forged.py). It then checks that the re-run outputs
+equal the committed ones: byte for byte, or, where retrained weights differ (another CPU family
+or a GPU rounds differently), every model within seed noise and every model whose weights are
+unchanged bit-identical (aebench/reproduction.py). It writes one Markdown report
+(aebench/review_report.py): the verdict, the compare summary BASE -> HEAD as re-run (never a
+committed number that was not reproduced), `dvc params diff`, the stages re-run and their
+times. The re-run results stay in the working copy (`git status` shows what differs).
 """
 
 from __future__ import annotations
@@ -16,18 +19,21 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
 
-from . import stats
+from . import forged, stats, yaml_bounds
 from .changes import compare
 from .compare import alpha_arg, render
-from .revisions import WORKSPACE, BadInput, Side, load
+from .files import write_text
+from .reproduction import TRAIN, verify
+from .review_report import Rerun, report
+from .revisions import WORKSPACE, BadInput, load
 
-TRAIN = "train"  # dvc.yaml's foreach stage: train@<model> writes that model's weights
 HELP = """\
 exit codes: 0 the committed results are what the code produces (byte-identical, or within
   seed noise where retrained weights differ); 1 they are not (the report names the stages and
@@ -37,17 +43,6 @@ exit codes: 0 the committed results are what the code produces (byte-identical, 
 
 class Failed(RuntimeError):
     """An error that ends the review with exit 2; str() is one line."""
-
-
-@dataclass
-class Rerun:
-    stages: dict[str, str] = field(default_factory=dict)    # stage -> why it was re-run
-    seconds: dict[str, float] = field(default_factory=dict)
-    differ: dict[str, list[str]] = field(default_factory=dict)  # stage -> outs not as committed
-    stale: dict[str, list[str]] = field(default_factory=dict)   # stage -> deps/params not either
-    problems: list[str] = field(default_factory=list)       # why it is not reproduced
-    note: str = ""                                           # how it was reproduced
-    error: str = ""                                          # why the re-run stopped
 
 
 def environ() -> dict[str, str]:
@@ -78,24 +73,11 @@ def lock_at(root: Path, rev: str) -> dict[str, dict]:
     return (yaml.safe_load(proc.stdout) or {}).get("stages", {}) if proc.returncode == 0 else {}
 
 
-def hashes(entry: dict, key: str) -> dict[str, str]:
-    """path -> hash of a lock entry's deps or outs (params: key -> value)."""
-    if key == "params":
-        return {f"{f}:{k}": json.dumps(v, sort_keys=True)
-                for f, ps in entry.get("params", {}).items() for k, v in ps.items()}
-    return {d["path"]: d.get("md5") or d.get("hash", "") for d in entry.get(key, [])}
-
-
-def differing(new: dict, old: dict, key: str) -> list[str]:
-    a, b = hashes(new, key), hashes(old, key)
-    return sorted(p for p in a.keys() | b.keys() if a.get(p) != b.get(p))
-
-
-def to_rerun(root: Path, base_lock: dict, head_lock: dict) -> dict[str, str]:
+def to_rerun(status: dict, base_lock: dict, head_lock: dict) -> dict[str, str]:
     """stage -> why: its dvc.lock entry differs from BASE's, or `dvc status` finds it out of
-    date (its outputs missing after the pull, or its deps not the ones dvc.lock records)."""
+    date (its outputs missing after the pull, or not the ones dvc.lock records, or its deps not
+    the ones dvc.lock records)."""
     why = {s: "dvc.lock differs from BASE" for s in head_lock if head_lock[s] != base_lock.get(s)}
-    status = json.loads(dvc("status", "--json", cwd=root).stdout or "{}")
     for stage, changes in status.items():
         kinds = sorted({k for c in changes if isinstance(c, dict) for k in c})
         why.setdefault(stage.split(":")[-1], "dvc status: " + ", ".join(kinds))
@@ -132,106 +114,42 @@ def rerun_stages(root: Path, stages: list[str]) -> dict[str, float]:
     return seconds
 
 
-def lock_differences(new_lock: dict, head_lock: dict, stages) -> tuple[dict, dict]:
-    """({stage: outs that differ}, {stage: deps, params or cmd that differ}) of the re-run's
-    dvc.lock against the committed one. A dep that is a re-run output which differs is that
-    output's story, not a stale dvc.lock."""
-    differ = {s: differing(new_lock.get(s, {}), head_lock.get(s, {}), "outs") for s in stages}
-    differ = {s: outs for s, outs in differ.items() if outs}
-    produced = {p for paths in differ.values() for p in paths}
-    stale = {}
-    for stage in stages:
-        new, old = new_lock.get(stage, {}), head_lock.get(stage, {})
-        found = [p for p in differing(new, old, "deps") if p not in produced]
-        found += differing(new, old, "params") + (["cmd"] if new.get("cmd") != old.get("cmd")
-                                                  else [])
-        if found:
-            stale[stage] = found
-    return differ, stale
+def default_remote(root: Path) -> str:
+    """The default DVC remote's name; "" where none is set (`dvc pull` then pulls nothing)."""
+    proc = dvc("remote", "default", cwd=root, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
-def noise_problems(committed: Side, rerun: Side, retrained: list[str],
-                   alpha: float) -> list[str]:
-    """Why the committed results are not the re-run's within seed noise, where the weights of
-    `retrained` came out different: every other model must be bit-identical, and each of these
-    within seed noise (Welch: unpaired on purpose, see docs/compare.md) without a spread flag."""
-    problems = []
-    for r in compare(committed, rerun, alpha, paired=False):
-        if r.model not in retrained and r.verdict != "identical":
-            problems.append(f"{r.model}: its weights are byte-identical but its metrics differ "
-                            f"({committed.files.get(r.model, r.model)})")
-        elif r.model in retrained and (r.verdict not in ("identical", "within noise")
-                                       or r.spread):
-            verdict = r.verdict + (f"; {r.spread}" if r.spread else "")
-            problems.append(f"{r.model}: retrained, and the committed metrics are not within "
-                            f"seed noise of the re-run ({verdict})")
-    return problems
-
-
-def changed_files(root: Path, outs: list[str]) -> list[str]:
-    """The files of `outs` that differ from HEAD, where git tracks them (cache: false outputs);
-    an output in DVC's cache (weights, data) is named whole."""
-    named = []
-    for out in outs:
-        diff = run("git", "diff", "--name-only", "HEAD", "--", out, cwd=root, check=False)
-        named += diff.stdout.split() or [out]
-    return named
-
-
-def verify(root: Path, rerun: Rerun, head_lock: dict, exact: bool, alpha: float) -> None:
-    """Fill rerun.differ / stale / problems / note from the re-run's dvc.lock."""
-    new_lock = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages", {})
-    rerun.differ, rerun.stale = lock_differences(new_lock, head_lock, rerun.stages)
-    rerun.problems += [f"dvc.lock of `{s}` is out of date ({', '.join(paths)}): run `dvc "
-                       "repro` and commit dvc.lock" for s, paths in rerun.stale.items()]
-    if not rerun.differ:
-        rerun.note = "every re-run output is byte-identical to the committed one"
-        return
-    retrained = sorted(s.split("@", 1)[1] for s in rerun.differ if s.startswith(f"{TRAIN}@"))
-    files = "; ".join(f"{stage}: {', '.join(changed_files(root, paths))}"
-                      for stage, paths in rerun.differ.items())
-    if exact or not retrained:
-        why = "--exact" if exact else "no model's weights changed, so nothing may differ"
-        rerun.problems.append(f"not byte-identical ({why}): {files}")
-        return
-    rerun.problems += noise_problems(load("HEAD", str(root)), load(WORKSPACE, str(root)),
-                                     retrained, alpha)
-    if not rerun.problems:
-        rerun.note = (f"within seed noise: the weights of {', '.join(retrained)} differ from the "
-                      "committed ones (another CPU family or a GPU rounds differently), and "
-                      "every model's committed mse is within seed noise of the re-run (Welch); "
-                      f"not byte-identical: {files}")
-
-
-def report(base: str, base_sha: str, head_sha: str, compared: str, params: str,
-           rerun: Rerun | None, pulled: str) -> str:
-    lines = [f"# aebench review: HEAD `{head_sha[:7]}` against BASE `{base_sha[:7]}` ({base})", ""]
-    if rerun is None:
-        lines.append("**Not verified** (`--no-verify`): the committed results were compared only.")
-    elif rerun.error:
-        lines.append(f"**Error**: {rerun.error}")
-    elif rerun.problems:
-        lines += ["**Not reproduced**: the committed results are not what the code produces:", ""]
-        lines += [f"- {p}" for p in rerun.problems]
-    elif not rerun.stages:
-        lines.append("**Reproduced**: no stage differs from BASE and none is out of date.")
+def announce(order: list[str], remote: str) -> None:
+    """One line before the long work: what will run, and why all of it without a remote."""
+    stages = f"{len(order)} stage{'s' * (len(order) != 1)}: {', '.join(order)}" if order \
+        else "nothing"
+    trains = sum(s.startswith(f"{TRAIN}@") for s in order)
+    if remote:
+        print(f"aebench review: re-running {stages}", file=sys.stderr)
     else:
-        lines.append(f"**Reproduced**: {rerun.note}.")
-    lines += ["", "## Metrics: BASE → HEAD", "", compared.rstrip(), "", "## Params", "",
-              params.strip() or "No params changed.", ""]
-    if rerun is not None:
-        lines += ["## Stages re-run", ""]
-        if rerun.stages:
-            lines += ["| stage | why | seconds | outputs |", "|---|---|---|---|"]
-            for s, why in rerun.stages.items():
-                outs = "not checked" if rerun.error else ", ".join(rerun.differ[s]) + \
-                    " differ" if s in rerun.differ else "byte-identical"
-                secs = f"{rerun.seconds[s]:.1f}" if s in rerun.seconds else "—"
-                lines.append(f"| {s} | {why} | {secs} | {outs} |")
-        else:
-            lines.append("None.")
-        lines += ["", f"DVC remote: {pulled}", ""]
-    return "\n".join(lines)
+        print(f"aebench review: no DVC remote is configured (`dvc remote default` names none), "
+              f"so every output this clone lacks is re-made: {stages}"
+              + (f" ({trains} of them train models: hours at full size; set a remote with "
+                 "main's results, docs/compare.md)" if trains else ""), file=sys.stderr)
+
+
+def pull(root: Path, remote: str) -> str:
+    """`dvc pull` what the remote has; what the report says of it."""
+    if not remote:
+        return "none configured: every output this clone lacks is re-made."
+    proc = dvc("pull", "--allow-missing", cwd=root, check=False)
+    if proc.returncode == 0:
+        return f"{remote}: pulled what it had."
+    last = ((proc.stderr or proc.stdout).strip().splitlines() or ["?"])[-1]
+    return f"{remote}: nothing pulled ({last}); missing outputs are re-made."
+
+
+def reproduced(root: Path, base: str, head_sha: str, alpha: float) -> str:
+    """The summary BASE -> the re-run outputs in the working copy (HEAD as re-run here)."""
+    side_a = load(base, str(root))
+    side_b = replace(load(WORKSPACE, str(root)), typed="HEAD, re-run", commit=head_sha)
+    return render(compare(side_a, side_b, alpha), side_a, side_b, alpha)
 
 
 def review(root: Path, base: str, verify_: bool, exact: bool, alpha: float) -> tuple[str, int]:
@@ -243,27 +161,33 @@ def review(root: Path, base: str, verify_: bool, exact: bool, alpha: float) -> t
     if not base_sha:
         raise Failed(f"BASE {base!r} is not a commit here (fetch it, e.g. `git fetch origin`)")
     head_sha = run("git", "rev-parse", "HEAD", cwd=root).stdout.strip()
-    side_a, side_b = load(base, str(root)), load("HEAD", str(root))
-    compared = render(compare(side_a, side_b, alpha), side_a, side_b, alpha)
+    for rev in (head_sha, base_sha):  # before DVC parses any of it
+        yaml_bounds.check_revision(root, rev)
+    side_a, side_b = load(base, str(root)), load("HEAD", str(root))  # bad metrics: exit 2 now
     params = dvc("params", "diff", base, "HEAD", "--md", cwd=root).stdout
     if not verify_:
+        compared = render(compare(side_a, side_b, alpha), side_a, side_b, alpha)
         return report(base, base_sha, head_sha, compared, params, None, ""), 0
-    pull = dvc("pull", "--allow-missing", cwd=root, check=False)
-    pulled = "pulled what it had." if pull.returncode == 0 else \
-        "nothing pulled (" + ((pull.stderr or pull.stdout).strip().splitlines() or ["?"])[-1] + \
-        "); missing outputs are re-made."
+    remote = default_remote(root)
+    pulled = pull(root, remote)
     head_lock = lock_at(root, "HEAD")
-    rerun = Rerun(stages=to_rerun(root, lock_at(root, base_sha), head_lock))
+    status = json.loads(dvc("status", "--json", cwd=root).stdout or "{}")
+    rerun = Rerun(stages=to_rerun(status, lock_at(root, base_sha), head_lock),
+                  forged=forged.forged_outs(root, status))
     order = in_order(root, rerun.stages)
     rerun.stages = {s: rerun.stages[s] for s in order}
+    announce(order, remote)
     try:
         rerun.seconds = rerun_stages(root, order) if order else {}
     except Failed as e:  # the report still says what ran and where it stopped
         rerun.error = str(e)
-        return report(base, base_sha, head_sha, compared, params, rerun, pulled), 2
+        rerun.problems = forged.problems(root, rerun.forged, reproduced=False)
+        return report(base, base_sha, head_sha, "Not shown: the re-run stopped, so no number "
+                      "here was reproduced.", params, rerun, pulled), 2
     verify(root, rerun, head_lock, exact, alpha)
-    return report(base, base_sha, head_sha, compared, params, rerun, pulled), \
-        1 if rerun.problems else 0
+    rerun.problems[:0] = forged.problems(root, rerun.forged, reproduced=True)
+    return report(base, base_sha, head_sha, reproduced(root, base, head_sha, alpha), params,
+                  rerun, pulled), 1 if rerun.problems else 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -280,18 +204,42 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_output(path: Path | None) -> None:
+    """Refuse an --output that cannot be written, before the review's long work."""
+    if path is None:
+        return
+    if not path.parent.is_dir():
+        raise Failed(f"--output {path}: no such folder: {path.parent}")
+    if path.is_dir():
+        raise Failed(f"--output {path}: is a folder")
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as err:
+        raise Failed(f"--output {path}: cannot write in {path.parent} "
+                     f"({err.strerror or err})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        check_output(args.output)
         root = Path(run("git", "rev-parse", "--show-toplevel", cwd=Path.cwd()).stdout.strip())
         base = args.base or default_base(root)
         text, code = review(root, base, not args.no_verify, args.exact, args.alpha)
-    except (Failed, BadInput) as e:
+    except (Failed, BadInput, yaml_bounds.TooLarge) as e:
         print(f"aebench review: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # DVC's own errors: exit 2 (an error), never 1 (not reproduced)
+        print(f"aebench review: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
         return 2
     print(text, end="")
     if args.output:
-        args.output.write_text(text)
+        try:
+            write_text(args.output, text)
+        except OSError as e:  # checked at the start; gone or full since
+            print(f"aebench review: {e}", file=sys.stderr)
+            return 2
     return code
 
 

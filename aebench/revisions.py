@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, ValidationError
 
+from . import yaml_bounds
 from .metric_files import first_error, problem
 
 WORKSPACE = "workspace"
@@ -64,6 +65,12 @@ def load(typed: str, repo: str | None = None) -> Side:
     with Repo(Repo.find_root(repo)) as dvc_repo:
         root = Path(dvc_repo.root_dir)
         commit = None if typed == WORKSPACE else resolve_rev(dvc_repo.scm, typed)
+        try:  # an alias bomb in a YAML file would take DVC gigabytes: refused first
+            yaml_bounds.check_workspace(root)
+            if commit:
+                yaml_bounds.check_revision(root, commit)
+        except yaml_bounds.TooLarge as err:
+            raise BadInput(str(err)) from None
         # DVC always reads the workspace too, and fails on a broken workspace file even when
         # both sides are commits: ask for errors per file and keep this revision's only.
         shown = dvc_repo.metrics.show(revs=[commit] if commit else None, on_error="return",
@@ -75,16 +82,22 @@ def load(typed: str, repo: str | None = None) -> Side:
     if "error" in result:
         raise BadInput(f"{label}: {result['error']}")
     models, files = {}, {}
+    missing = [p for p, f in result["data"].items()
+               if isinstance(f.get("error"), FileNotFoundError)]
+    if missing:
+        raise BadInput(missing_message(root, commit, label, missing))
     for path, file in result["data"].items():
         if "error" in file:
             err = file["error"]
-            why = "no such file" if isinstance(err, FileNotFoundError) else err.__cause__ or err
-            raise BadInput(f"{label}: {path}: {why}")
+            raise BadInput(f"{label}: {path}: {err.__cause__ or err}")
         for model, entry in entries(path, file["data"]):
             bad = problem(entry)
             if bad:
                 raise BadInput(f"{label}: {path}: model {model}: {bad}")
             models[model], files[model] = entry, path
+    if not models and result["data"]:
+        raise BadInput(f"{label}: no model metrics in {', '.join(result['data'])}: none has "
+                       "an entry of mse mean ± std over n seeds (a revision from before them)")
     if not models:
         raise BadInput(f"{label}: no model metrics in the metrics files of dvc.yaml")
     details = details_path(read_text(root, "dvc.yaml", commit))
@@ -92,6 +105,32 @@ def load(typed: str, repo: str | None = None) -> Side:
     # params.yaml's order, which the details file keeps (the metrics folder lists by name)
     order = [m for m in replicas if m in models] + [m for m in models if m not in replicas]
     return Side(typed, commit, {m: models[m] for m in order}, files, replicas, details)
+
+
+def metrics_paths(dvc_yaml: str | None) -> list[str]:
+    """The metrics files and folders a dvc.yaml names (its stages' `metrics:` and top-level)."""
+    data = yaml.safe_load(dvc_yaml or "") or {}
+    named = [*data.get("metrics", [])] + [m for stage in data.get("stages", {}).values()
+                                          for m in stage.get("metrics", [])]
+    return [next(iter(m)) if isinstance(m, dict) else str(m) for m in named]
+
+
+def missing_message(root: Path, commit: str | None, label: str, missing: list[str]) -> str:
+    """The metrics files of a revision's dvc.yaml that are not there. Where that revision is
+    from another layout (metrics/pca.json and metrics/models.json, before one file per model),
+    the line names what today's dvc.yaml reads and the revision lacks, then its own names."""
+    from dvc.api import DVCFileSystem
+
+    today = metrics_paths(read_text(root, "dvc.yaml", None))
+    if commit is None or sorted(today) == sorted(missing):
+        return f"{label}: {missing[0]}: no such file"
+    fs = DVCFileSystem(str(root), rev=commit)
+    absent = [p for p in today if not fs.exists(p)]
+    own = f"its own dvc.yaml (an older layout) names {', '.join(missing)}, not there either"
+    if absent:
+        return (f"{label}: no metrics at this revision: today's dvc.yaml reads them from "
+                f"{', '.join(absent)}, which this revision does not have; {own}")
+    return f"{label}: {missing[0]}: no such file ({own}; today's layout reads {', '.join(today)})"
 
 
 def entries(path: str, data: Any) -> list[tuple[str, Any]]:
@@ -108,12 +147,13 @@ def read_text(root: Path, path: str, commit: str | None) -> str | None:
     """A file at a commit (through DVC, which also reads git-tracked files) or in the
     workspace; None when it is not there."""
     import dvc.api
+    from dvc.exceptions import PathMissingError
 
     try:
         if commit is None:
             return (root / path).read_text()
         return dvc.api.read(path, repo=str(root), rev=commit, mode="r")
-    except FileNotFoundError:
+    except (FileNotFoundError, PathMissingError):  # DVC: neither an output nor in git there
         return None
 
 

@@ -15,7 +15,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from aebench import __main__ as cli_main
-from aebench import changes, compare, stats
+from aebench import changes, compare, revisions, stats
 from aebench.revisions import Details, Side
 
 # --------------------------------------------------------------------------- made-up models
@@ -366,6 +366,81 @@ def test_missing_metrics_at_a_commit_name_the_commit(repo):
     rc, _, err = run(repo, "empty", "v1")
     assert rc == 2
     assert err == f"aebench compare: {sha(repo, 'empty')[:7]} (empty): metrics: no such file\n"
+
+
+def test_a_details_file_missing_at_a_commit_falls_back_to_welch(tmp_path):
+    """dvc.yaml names reports/details.json, which that commit lacks: DVC's PathMissingError is
+    "not there" (Welch on mean ± std), not a traceback."""
+    from dvc.repo import Repo
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    git(root, "init", "-q")
+    git(root, "config", "user.email", "t@example.com")
+    git(root, "config", "user.name", "t")
+    Repo.init(str(root)).close()
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    (root / "metrics").mkdir()
+    (root / "reports").mkdir()
+    write_side(root, MODELS_A)
+    (root / "reports" / "details.json").unlink()
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "no details")
+    assert revisions.load("HEAD", str(root)).replicas == {}
+    write_side(root, MODELS_B)
+    rc, out, err = run(root, "HEAD", "workspace")
+    assert rc == 0, err
+    assert "| Welch (no per-seed values in A) |" in out
+
+
+OLD_DVC_YAML = """stages:
+  pca:
+    cmd: echo
+    metrics:
+      - metrics/pca.json:
+          cache: false
+  evaluate:
+    cmd: echo
+    metrics:
+      - metrics/models.json:
+          cache: false
+"""
+
+
+def test_a_revision_from_another_layout_names_what_todays_layout_misses(tmp_path):
+    """A revision whose dvc.yaml named metrics/pca.json and metrics/models.json, never
+    committed: the line says that today's metrics folder is not there, then its own names."""
+    from dvc.repo import Repo
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    git(root, "init", "-q")
+    git(root, "config", "user.email", "t@example.com")
+    git(root, "config", "user.name", "t")
+    Repo.init(str(root)).close()
+    (root / "dvc.yaml").write_text(OLD_DVC_YAML)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "old layout")
+    (root / "dvc.yaml").write_text(DVC_YAML)  # today's layout, in the workspace
+    (root / "metrics").mkdir()
+    (root / "reports").mkdir()
+    write_side(root, MODELS_A)
+    rc, _, err = run(root, "HEAD", "workspace")
+    assert rc == 2
+    assert err == (f"aebench compare: {sha(root)[:7]} (HEAD): no metrics at this revision: "
+                   "today's dvc.yaml reads them from metrics, which this revision does not "
+                   "have; its own dvc.yaml (an older layout) names metrics/pca.json, "
+                   "metrics/models.json, not there either\n")
+    (root / "metrics" / "models.json").write_text(json.dumps({"deep3": {"mse": 0.03}}))
+    (root / "metrics" / "pca.json").write_text(json.dumps({"pca3": {"mse": 0.05}}))
+    (root / "dvc.yaml").write_text(OLD_DVC_YAML)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "metrics before replicas")  # entries without n
+    rc, _, err = run(root, "HEAD", "HEAD")
+    assert rc == 2
+    assert err == (f"aebench compare: {sha(root)[:7]} (HEAD): no model metrics in "
+                   "metrics/pca.json, metrics/models.json: none has an entry of mse mean ± std "
+                   "over n seeds (a revision from before them)\n")
 
 
 @pytest.mark.parametrize("alpha", ["5", "0", "1", "-0.1", "abc", "nan"])

@@ -22,7 +22,8 @@ REPORTING = {"aebench/metrics.py", "aebench/metric_files.py", "aebench/figures.p
              "aebench/parallel.py", "aebench/drawing.py", "aebench/mosaics.py", "aebench/charts.py",
              "aebench/report.py", "aebench/stats.py", "aebench/changes.py", "aebench/compare.py",
              "aebench/revisions.py",
-             "aebench/review.py", "aebench/tracking"}
+             "aebench/review.py", "aebench/review_report.py", "aebench/reproduction.py",
+             "aebench/forged.py", "aebench/yaml_bounds.py", "aebench/tracking"}
 
 
 def load_stages() -> dict[str, dict]:

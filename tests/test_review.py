@@ -1,12 +1,16 @@
 """`aebench review`, playing a pull request's flow on this machine with tiny params: a bare git
 repository as origin and a local folder as the DVC remote; main with its results pushed; a PR
 branch that changes one model's epochs, reviewed in a fresh clone; then a second PR commit that
-hand-edits a committed metric and `dvc commit`s it. Also the workflow that runs it in CI."""
+hand-edits a committed metric and `dvc commit`s it; then a branch that hand-edits a metric and
+reports/details.json without touching dvc.lock. Also tiny hand-made pipelines (no training)
+for forged numbers, --output and YAML alias bombs, and the workflow that runs review in CI."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +21,7 @@ import yaml
 from conftest import REPO, store_folder, write_idx_set
 from test_compare import side
 
-from aebench import review
+from aebench import forged, reproduction, yaml_bounds
 from aebench.smoke import copy_repo
 
 BIN = Path(sys.executable).parent
@@ -70,7 +74,8 @@ def rerun_table(report: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory, env) -> dict:
-    """The PR flow; the two review reports. About 3 minutes on an idle 2-core machine."""
+    """The PR flow; the three review reports. About 4 to 5 minutes on an idle 2-core machine
+    (11 on this shared one)."""
     top = tmp_path_factory.mktemp("review")
     origin, remote = top / "origin.git", top / "dvc-remote"
     sh(env, top, "git", "init", "-q", "--bare", str(origin))
@@ -95,14 +100,28 @@ def flow(tmp_path_factory, env) -> dict:
 
     path = work / "metrics" / "under30.json"  # a committed metric edited by hand
     data = json.loads(path.read_text())
-    data["mse"]["mean"] = round(data["mse"]["mean"] * 0.9, 6)
+    real = first_metric = data["mse"]["mean"]
+    data["mse"]["mean"] = edited = round(real * 0.9, 6)
     path.write_text(json.dumps(data, indent=2) + "\n")
     sh(env, work, "dvc", "commit", "-f", "-q")
     commit_and_push(env, work, "pr: a better number", "pr")
     shutil.rmtree(clone)
     sh(env, top, "git", "clone", "-q", "-b", "pr", str(origin), str(clone))
     second = run_review(env, clone, rc=1)
-    return {"first": first, "second": second, "clone": clone}
+
+    # the issue's case: numbers edited by hand on the first PR commit, dvc.lock untouched
+    sh(env, work, "git", "checkout", "-q", "-b", "pr2", "pr~1")
+    edit_json(path, lambda d: d["mse"].update(mean=0.001))
+    details = work / "reports" / "details.json"
+    replica = json.loads(details.read_text())["under30"]["replicas"][0]["mse"]
+    edit_json(details, lambda d: d["under30"]["replicas"][0].update(mse=0.0005))
+    sh(env, work, "git", "commit", "-qam", "pr2: better numbers, by hand")
+    sh(env, work, "git", "push", "-q", "origin", "pr2")
+    shutil.rmtree(clone)
+    sh(env, top, "git", "clone", "-q", "-b", "pr2", str(origin), str(clone))
+    third = run_review(env, clone, rc=1)
+    return {"first": first, "second": second, "third": third, "clone": clone,
+            "edit": (edited, real), "real": (first_metric, replica)}
 
 
 @pytest.mark.e2e
@@ -120,12 +139,35 @@ def test_review_reruns_only_the_changed_model_and_what_follows(flow):
 def test_a_hand_edited_metric_fails_review(flow):
     report = flow["second"]
     verdict = report.split("## Metrics", 1)[0]
+    edited, real = flow["edit"]
     assert verdict.endswith("**Not reproduced**: the committed results are not what the code "
                             "produces:\n\n- not byte-identical (no model's weights changed, so "
-                            "nothing may differ): evaluate: metrics/under30.json\n\n"), verdict
+                            "nothing may differ): evaluate: metrics/under30.json (mse.mean: "
+                            f"committed {edited}, reproduced {real})\n\n"), verdict
+    summary = report.split("## Metrics", 1)[1].split("## Params", 1)[0]
+    assert str(edited) not in summary  # only reproduced numbers are shown
     table = rerun_table(report)
     assert table["train@under30"] == "byte-identical"
     assert table["evaluate"] == "metrics differ"
+
+
+@pytest.mark.e2e
+def test_numbers_edited_without_dvc_lock_fail_review_naming_both_values(flow):
+    """The issue's case: mse.mean set to 0.001 and a replica's mse in reports/details.json
+    edited, committed without touching dvc.lock. The re-run reproduces dvc.lock, but the
+    committed files are not what it records."""
+    report, (mean, replica) = flow["third"], flow["real"]
+    verdict = report.split("## Metrics", 1)[0]
+    assert "**Not reproduced**" in verdict and "byte-identical" not in verdict
+    what = "committed, but not what dvc.lock records for `evaluate` (`dvc status`: modified): " \
+           "edited without its dvc.lock; "
+    assert f"- metrics/under30.json: {what}mse.mean: committed 0.001, reproduced {mean}\n" \
+        in verdict
+    assert f"- reports/details.json: {what}under30.replicas.0.mse: committed 0.0005, " \
+           f"reproduced {replica}\n" in verdict
+    summary = report.split("## Metrics", 1)[1].split("## Params", 1)[0]
+    assert "0.001 " not in summary and "-98" not in summary
+    assert rerun_table(report)["evaluate"].startswith("byte-identical; committed ")
 
 
 # --------------------------------------------------------------------------- the parts
@@ -143,7 +185,7 @@ def test_lock_differences_tell_outputs_from_stale_deps():
                 figures=({"metrics": "m1", "aebench/figures.py": "c1"}, {"plots/figures": "f"}))
     rerun = lock(evaluate=({"data/models": "w"}, {"metrics": "m2"}),
                  figures=({"metrics": "m2", "aebench/figures.py": "c2"}, {"plots/figures": "f"}))
-    differ, stale = review.lock_differences(rerun, head, ["evaluate", "figures"])
+    differ, stale = reproduction.lock_differences(rerun, head, ["evaluate", "figures"])
     assert differ == {"evaluate": ["metrics"]}
     assert stale == {"figures": ["aebench/figures.py"]}  # metrics: evaluate's output, not stale
 
@@ -151,15 +193,15 @@ def test_lock_differences_tell_outputs_from_stale_deps():
 def test_within_seed_noise_where_weights_differ():
     committed = side({"a": [0.0100, 0.0110, 0.0120], "b": [0.020, 0.021, 0.022]})
     close = side({"a": [0.0101, 0.0109, 0.0121], "b": [0.020, 0.021, 0.022]})
-    assert review.noise_problems(committed, close, ["a"], 0.05) == []
+    assert reproduction.noise_problems(committed, close, ["a"], 0.05) == []
     far = side({"a": [0.0200, 0.0210, 0.0220], "b": [0.020, 0.021, 0.022]})
-    assert review.noise_problems(committed, far, ["a"], 0.05) == [
+    assert reproduction.noise_problems(committed, far, ["a"], 0.05) == [
         "a: retrained, and the committed metrics are not within seed noise of the re-run "
         "(worse)"]
-    assert review.noise_problems(committed, close, [], 0.05) == [
+    assert reproduction.noise_problems(committed, close, [], 0.05) == [
         "a: its weights are byte-identical but its metrics differ (metrics/a.json)"]
     wild = side({"a": [0.0010, 0.0110, 0.0210], "b": [0.020, 0.021, 0.022]})
-    assert review.noise_problems(committed, wild, ["a"], 0.05) == [
+    assert reproduction.noise_problems(committed, wild, ["a"], 0.05) == [
         "a: retrained, and the committed metrics are not within seed noise of the re-run "
         "(within noise; spread ×10)"]
 
@@ -216,7 +258,196 @@ def test_a_failing_stage_is_exit_2_with_a_report(small_repo, env):
     text = (root.parent / "r.md").read_text()
     assert "**Error**: `dvc repro` failed in s: " in text
     assert "| s | dvc.lock differs from BASE | — | not checked |" in text
-    assert "- 1 model bit-identical: m" in text  # the compare of the committed results
+    # nothing was reproduced, so no number is shown (the committed ones are not checked)
+    assert "Not shown: the re-run stopped, so no number here was reproduced." in text
+    assert "bit-identical: m" not in text
+
+
+RUN_SH = """mkdir -p metrics reports
+echo '{"mse": {"mean": 0.1, "std": 0.02}, "sse_per_image": {"mean": 78.4, "std": 15.68}, \
+"n": 2}' > metrics/m.json
+echo '{"m": {"loss": "mse", "replicas": [{"seed": 0, "mse": 0.08}, {"seed": 1, "mse": 0.12}]}}' \
+> reports/details.json
+"""
+PIPELINE = """stages:
+  s:
+    cmd: bash run.sh
+    deps: [run.sh]
+    params: [p]
+    metrics:
+      - metrics:
+          cache: false
+    outs:
+      - reports/details.json:
+          cache: false
+"""
+
+
+def tiny_pipeline(root: Path, env) -> None:
+    """Commit `base`: a one-stage pipeline (no training) that writes metrics/m.json (mse 0.1)
+    and reports/details.json, run and committed with its dvc.lock."""
+    (root / "dvc.yaml").write_text(PIPELINE)
+    (root / "params.yaml").write_text("p: 1\n")
+    (root / "run.sh").write_text(RUN_SH)
+    sh(env, root, "dvc", "repro", "-q")
+    sh(env, root, "git", "add", "-A")
+    sh(env, root, "git", "commit", "-qm", "base")
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data) + "\n")
+
+
+def review_of(root: Path, env, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aebench", "review", *args], cwd=root,
+                          env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_numbers_edited_without_their_lock_fail_review_with_both_values(small_repo, env):
+    """The PR edits a metric and a replica's value in reports/details.json by hand and commits
+    them without touching dvc.lock: the re-run reproduces dvc.lock, but the committed files are
+    not what it records. Each is named with its committed and its reproduced value, and the
+    summary shows only reproduced numbers."""
+    root = small_repo
+    tiny_pipeline(root, env)
+    edit_json(root / "metrics" / "m.json", lambda d: d["mse"].update(mean=0.001))
+    edit_json(root / "reports" / "details.json",
+              lambda d: d["m"]["replicas"][1].update(mse=0.0005))
+    sh(env, root, "git", "commit", "-qam", "pr: better numbers")
+    proc = review_of(root, env, "HEAD~1", "--output", "../r.md")
+    assert proc.returncode == 1, proc.stderr
+    report = (root.parent / "r.md").read_text()
+    assert report == proc.stdout
+    verdict = report.split("## Metrics", 1)[0]
+    assert "**Not reproduced**" in verdict and "**Reproduced**" not in verdict
+    what = "committed, but not what dvc.lock records for `s` (`dvc status`: modified): edited " \
+           "without its dvc.lock; "
+    assert f"- metrics/m.json: {what}mse.mean: committed 0.001, reproduced 0.1\n" in verdict
+    assert f"- reports/details.json: {what}m.replicas.1.mse: committed 0.0005, reproduced " \
+           "0.12\n" in verdict
+    summary = report.split("## Metrics", 1)[1].split("## Params", 1)[0]
+    assert "as re-run here" in report.split("## Metrics", 1)[1].splitlines()[0]
+    assert "0.001" not in summary and "0.0005" not in summary
+    assert "- 1 model bit-identical: m" in summary  # BASE → the reproduced numbers
+    assert "| s | dvc status: changed outs | " in report
+    # no remote: said before the work, in one line naming what will run
+    first = proc.stderr.splitlines()[0]
+    assert first == ("aebench review: no DVC remote is configured (`dvc remote default` names "
+                     "none), so every output this clone lacks is re-made: 1 stage: s")
+
+
+def test_numbers_edited_and_dvc_committed_fail_review_with_both_values(small_repo, env):
+    """The same edit recorded in dvc.lock (`dvc commit`): the re-run does not make it."""
+    root = small_repo
+    tiny_pipeline(root, env)
+    edit_json(root / "metrics" / "m.json", lambda d: d["mse"].update(mean=0.001))
+    sh(env, root, "dvc", "commit", "-q", "-f")
+    sh(env, root, "git", "commit", "-qam", "pr: a better number, with its lock")
+    proc = review_of(root, env, "HEAD~1")
+    assert proc.returncode == 1, proc.stderr
+    assert ("- not byte-identical (no model's weights changed, so nothing may differ): s: "
+            "metrics/m.json (mse.mean: committed 0.001, reproduced 0.1)\n") in proc.stdout
+    assert "0.001" not in proc.stdout.split("## Metrics", 1)[1]
+
+
+def test_an_unwritable_output_is_refused_before_any_work(small_repo, env):
+    root = small_repo
+    tiny_pipeline(root, env)
+    (root / "run.sh").write_text("touch ran\n" + RUN_SH)
+    sh(env, root, "dvc", "commit", "-q", "-f")
+    sh(env, root, "git", "commit", "-qam", "head")
+    for output, why in (("/proc/nope/report.md", "no such folder: /proc/nope"),
+                        (str(root), "is a folder"),
+                        ("/proc/report.md", "cannot write in /proc (")):
+        proc = review_of(root, env, "HEAD~1", "--output", output)
+        assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+        assert proc.stderr.startswith(f"aebench review: --output {output}: {why}")
+        assert proc.stderr.count("\n") == 1
+    assert not (root / "ran").exists()  # nothing was re-run
+
+
+def limited_memory():
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # a regression fails, not swaps
+
+
+BOMB = 'a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]\n' + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10))
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "dvc.yaml", "dvc.lock"])
+def test_a_yaml_alias_bomb_is_refused_before_dvc_reads_it(small_repo, env, name):
+    """Nine levels of anchors (4.4 billion nodes expanded) in a file DVC reads: one line naming it,
+    exit 2, in seconds and little memory (DVC itself grows to gigabytes on it)."""
+    root = small_repo
+    tiny_pipeline(root, env)
+    with (root / name).open("a") as f:
+        f.write(BOMB if name != "dvc.yaml" else "\nvars:\n  - " + BOMB.replace("\n", "\n    "))
+    sh(env, root, "git", "commit", "-qam", "pr: a bomb")
+    head = sh(env, root, "git", "rev-parse", "HEAD").strip()
+    proc = subprocess.run([sys.executable, "-m", "aebench", "review", "HEAD~1"], cwd=root,
+                          env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=120, preexec_fn=limited_memory)
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+    assert proc.stderr == (f"aebench review: {head}:{name}: refused before DVC reads it: its "
+                           "anchors and aliases expand to more than 1,000,000 YAML nodes (an "
+                           "alias bomb: DVC would take gigabytes of memory)\n")
+
+
+def test_forged_outputs_are_the_committed_ones_dvc_status_finds_changed(small_repo):
+    """Of the outputs `dvc status` reports, the committed ones (git tracks them, or, removed,
+    git does not ignore them) that are modified or deleted; a cached output missing after a
+    pull (ignored, as DVC's .gitignore lists it) is not."""
+    root = small_repo
+    (root / "metrics").mkdir()
+    (root / "metrics" / "m.json").write_text("{}")
+    (root / ".gitignore").write_text("/data\n")
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    status = {"dvc.yaml:s": [{"changed deps": {"run.sh": "modified"}}, {"changed outs": {
+        "metrics": "modified", "data/w": "deleted", "reports/details.json": "deleted",
+        "data/v": "not in cache"}}], "t": [{"changed outs": {"data/u": "modified"}}]}
+    assert forged.forged_outs(root, status) == {
+        "s": {"metrics": "modified", "reports/details.json": "deleted"}}
+
+
+def test_each_kind_of_file_is_named_with_its_committed_and_reproduced_value():
+    diff = forged.difference
+    assert diff("m.json", b'{"mse": {"mean": 0.001, "std": 1}, "n": 3}',
+                b'{"mse": {"mean": 0.0585, "std": 2}, "n": 3}') == \
+        "mse.mean: committed 0.001, reproduced 0.0585 (and 1 more value)"
+    assert diff("d.json", b'{"a": {"replicas": [1, 2]}}', b'{"a": {"replicas": [1, 3]}}') == \
+        "a.replicas.1: committed 2, reproduced 3"
+    assert diff("d.json", b'{"a": 1}', b'{"a": 1, "b": "x"}') == \
+        'b: committed "(absent)", reproduced "x"'
+    assert diff("s.md", b"# t\n| a | 0.1 |\n", b"# t\n| a | 0.2 |\n") == \
+        'line 2: committed "| a | 0.1 |", reproduced "| a | 0.2 |"'
+    assert diff("c.csv", b"x\n1\n", b"x\n1\n2\n") == \
+        'line 3: committed (no such line), reproduced "2"'
+    png, other = b"\x89PNG\r\n\x1a\n\xff", b"\x89PNG\r\n\x1a\n\xfe\xfe"
+    assert diff("f.png", png, other) == (
+        f"committed md5 {hashlib.md5(png).hexdigest()} (9 bytes), reproduced md5 "
+        f"{hashlib.md5(other).hexdigest()} (10 bytes)")
+    assert diff("f.png", None, png) == "committed (absent), reproduced present"
+
+
+def test_yaml_sizes_are_counted_without_expanding():
+    assert yaml_bounds.expanded_nodes("a: 1\nb: [1, 2]\n") == 7  # map, 2 keys, 1, seq, 1, 2
+    shared = "x: &x {k: [1, 2, 3]}\ny: *x\nz: {<<: *x, w: 1}\n"
+    # 1 root + 3 keys + x (map 1 + key 1 + seq 4 = 6) twice + z (map, <<, x's 6, w, 1 = 10)
+    assert yaml_bounds.expanded_nodes(shared) == 1 + 3 + 6 + 6 + 10
+    assert yaml_bounds.expanded_nodes(BOMB) == 1_000_001  # stops counting at the limit
+    assert yaml_bounds.expanded_nodes(BOMB, limit=10**12) == 1 + 10 + sum(
+        sum(9 ** j for j in range(i + 2)) for i in range(10))
+    for text, why in (("a: &a [*a]\n", "an alias that contains itself"),
+                      ("[" * 3000 + "]" * 3000, "nested too deeply"),
+                      ("a: [\n", "not valid YAML (line 2)")):
+        with pytest.raises(yaml_bounds.TooLarge, match=re.escape(why)):
+            yaml_bounds.check_text(text, "params.yaml")
+    for path in ("params.yaml", "dvc.yaml", "dvc.lock"):  # the committed ones pass
+        yaml_bounds.check_text((REPO / path).read_text(), path)
 
 
 def test_the_workflow_runs_review_and_posts_the_report():
