@@ -36,6 +36,8 @@ EXP_BASELINE_ENV = "DVC_EXP_BASELINE_REV"
 EXP_TAG = "dvc_exp_name"  # as common_tags names the runs of an experiment
 BASELINE_TAG = "dvc_exp_baseline_rev"
 FINAL_MSE, FINAL_STD = "final/test_mse", "final/test_mse_std"  # on the training run (runs.py)
+TEST_MSE_TAG = "test_mse"
+LIST_TAGS = (BEST, TEST_MSE_TAG)  # first, in this order: what the registry's list shows
 
 
 def registered_name(name: str) -> str:
@@ -58,8 +60,9 @@ def mse_text(value: float) -> str:
 
 
 def mean_std_text(mean: float, std: float | None, n: int) -> str:
+    """"0.03076 ± 0.00028 over 3 replicas", "0.07484 (1 replica)"."""
     if n < 2 or std is None:
-        return f"{mse_text(mean)} ({n} replica)"
+        return f"{mse_text(mean)} ({n} replica{'s' * (n != 1)})"
     fmt = ".5f" if abs(mean) >= 1e-3 else ".2e"
     return f"{mean:{fmt}} ± {std:{fmt}} over {n} replicas"
 
@@ -117,15 +120,28 @@ def register_training(name: str, model_ids: Sequence[str]) -> list[str]:
     for alias in client.get_registered_model(registered).aliases:
         if alias == BEST or (_REPLICA_ALIAS.fullmatch(alias) and alias not in wanted):
             client.delete_registered_model_alias(registered, alias)
-    if BEST in client.get_registered_model(registered).tags:
-        client.delete_registered_model_tag(registered, BEST)
     for index, version in enumerate(versions):
         client.set_registered_model_alias(registered, replica_alias(index), version)
-    if model_mse:
-        client.set_registered_model_tag(registered, "test_mse", f"{model_mse} (versions "
-                                        f"{versions[0]}-{versions[-1]})" if len(versions) > 1
-                                        else f"{model_mse} (version {versions[0]})")
+    _list_tags(client, registered, {BEST: None, TEST_MSE_TAG: model_mse})
     return versions
+
+
+def _list_tags(client, registered: str, values: Mapping[str, str | None]) -> None:
+    """Set (a text) or remove (None) the registered model's tags in `values`, and keep `best`
+    and `test_mse` its first tags: the registry's list shows a model's first three tags, in
+    the order they were set, in a narrow column. The tag `model` of older aebench versions
+    (the name says it) is removed."""
+    held = dict(client.get_registered_model(registered).tags)
+    tags = {key: value for key, value in {**held, "model": None, **values}.items()
+            if value is not None}
+    order = [key for key in LIST_TAGS if key in tags] + \
+        [key for key in tags if key not in LIST_TAGS]
+    if list(held.items()) == [(key, tags[key]) for key in order]:
+        return
+    for key in held:
+        client.delete_registered_model_tag(registered, key)
+    for key in order:
+        client.set_registered_model_tag(registered, key, tags[key])
 
 
 def _model_mse(metrics: Mapping[str, float], n: int) -> str | None:
@@ -139,10 +155,10 @@ def _version_description(name: str, index: int, parent, replica, model_mse: str 
     """Markdown: the model's test MSE (mean ± std) and this replica's, then its runs as links."""
     exp_id = parent.info.experiment_id
     lines = []
-    if model_mse:
+    if model_mse:  # plain text first: the model's versions table shows its start, unrendered
         own = replica.data.metrics.get("test_mse")
-        lines.append(f"**test MSE {model_mse}**" + (f"; this replica: {mse_text(own)}"
-                                                    if own is not None else ""))
+        lines.append(f"test MSE {model_mse}" + (f"; this replica: {mse_text(own)}"
+                                                if own is not None and "±" in model_mse else ""))
     seed = replica.data.params.get("seed")
     training = run_link(exp_id, parent.info.run_id, parent.info.run_name or name)
     own_run = run_link(exp_id, replica.info.run_id, replica.info.run_name or replica.info.run_id)
@@ -150,8 +166,6 @@ def _version_description(name: str, index: int, parent, replica, model_mse: str 
                  + f" of the training {training}; source run {own_run}.")
     if experiment:
         lines.append(f"From DVC experiment `{experiment}`: no alias points here.")
-    lines.append(f"Load: `aebench.tracking.load_model(\"models:/{registered_name(name)}/"
-                 "VERSION\")` (this version's number).")
     return "\n\n".join(lines)
 
 
@@ -194,9 +208,8 @@ def set_best(name: str, weights_sha256: str) -> str | None:
     version = str(best.version)
     client.set_registered_model_alias(registered, BEST, version)
     own = client.get_run(best.run_id).data.metrics.get("test_mse") if best.run_id else None
-    client.set_registered_model_tag(
-        registered, BEST, f"version {version} (replica {best.tags.get('replica', '?')})"
-        + (f", test MSE {mse_text(own)}" if own is not None else ""))
+    _list_tags(client, registered, {BEST: f"version {version}" + (
+        f", test MSE {mse_text(own)}" if own is not None else "")})
     return version
 
 
@@ -234,8 +247,7 @@ def _ensure_registered(client, name: str) -> str:
             client.update_registered_model(registered, description=description)
         return registered
     try:
-        client.create_registered_model(registered, tags={"model": name},
-                                       description=description)
+        client.create_registered_model(registered, description=description)
     except MlflowException as err:  # a parallel `dvc exp` job created it meanwhile
         if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
