@@ -98,10 +98,15 @@ def log_replica_model(model: nn.Module, *, name: str, index: int, pixels: str,
 
 @functools.lru_cache(maxsize=16)
 def _params_entry(name: str, path: Path, mtime_ns: int) -> ModelConfig:
-    """params.yaml `models.NAME`, read once per file version (a stage logs several replicas)."""
-    from .. import config, kinds
+    """params.yaml `models.NAME`, read once per file version (a stage logs several replicas).
+    The stage has checked the file already (config.load_params): read here with libyaml's safe
+    loader where PyYAML has it (0.02 s instead of 0.1-0.25 s)."""
+    import yaml
 
-    return kinds.read_model(config.load_params(path), name, path)
+    from .. import kinds
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return kinds.read_model(yaml.load(path.read_text(), Loader=loader), name, path)
 
 
 def warm_up() -> None:
