@@ -276,6 +276,13 @@ def test_logged_model_loads_as_the_module_itself(trained):
         not info.flavors["python_function"]["code"]
 
 
+def test_loading_a_model_that_is_not_there_is_one_line(trained):
+    for uri in ("models:/aebench-deep3@nope", "models:/aebench-nothing/1"):
+        with pytest.raises(ValueError) as err:
+            tracking.load_model(uri)
+        assert str(err.value).startswith(f"{uri}: ") and "\n" not in str(err.value)
+
+
 def test_a_module_its_config_cannot_rebuild_is_not_logged(store):
     with tracking.training_run(store[0], "mismatch", {}):
         with tracking.replica_run("mismatch", 0, seed=0):
@@ -396,7 +403,8 @@ def test_an_experiment_registers_versions_and_moves_no_alias(store, monkeypatch,
     monkeypatch.setenv("DVC_EXP_NAME", "lr-3e-4")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
     ids, versions = train_tiny(store[0], "exp", 3)
-    assert "aebench-exp: versions" in capsys.readouterr().err
+    assert f"aebench-exp: versions {', '.join(versions)} registered for experiment lr-3e-4" \
+        in capsys.readouterr().err
     assert tracking.registry.set_best("exp", sha("exp", 2)) is None  # its evaluate
     assert tracking.registry.aliases("exp") == before
     assert client.get_registered_model("aebench-exp").tags == tags_before

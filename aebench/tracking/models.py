@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..constants import N_PIXELS
 from .runs import Scalar, quoted
-from .store import EXPERIMENT, store_errors
+from .store import EXPERIMENT, store_error, store_errors
 
 if TYPE_CHECKING:  # mlflow and torch are imported inside the functions: importing costs seconds
     from mlflow.entities import LoggedModel
@@ -137,11 +137,19 @@ def load_model(model_uri: str) -> nn.Module:
     aebench's kinds: whatever else the store holds (the MLmodel file's loader, a pickle) is
     not run. A file that is not such weights is refused with one ValueError line naming it."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     with tempfile.TemporaryDirectory(prefix="aebench-model-") as tmp:
-        with store_errors():
+        try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
                                                              dst_path=tmp))
+        except MlflowException as err:
+            if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                # no such model, version or alias: the store is fine
+                raise ValueError(f"{model_uri}: {str(err).splitlines()[0]}") from None
+            raise store_error(err, mlflow.get_tracking_uri()) from err
+        except Exception as err:  # noqa: BLE001 - as store_errors: one line naming the store
+            raise store_error(err, mlflow.get_tracking_uri()) from err
         weights = local / "data" / WEIGHTS
         if not weights.is_file():
             if (local / "data" / PICKLED).is_file():
@@ -204,9 +212,9 @@ class _Pyfunc:
             return self.module(x).numpy()
 
 
-def _load_pyfunc(data_path: str) -> _Pyfunc:
+def _load_pyfunc(data_path: str, model_config: Mapping[str, Any] | None = None) -> _Pyfunc:
     """MLflow's loader-module entry point (`mlflow.pyfunc.load_model`): `data_path` is the
-    downloaded data/replica.pt."""
+    downloaded data/replica.pt; `model_config` (a caller's) changes nothing."""
     return _Pyfunc(read_replica(data_path))
 
 

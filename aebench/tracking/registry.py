@@ -113,8 +113,9 @@ def register_training(name: str, model_ids: Sequence[str]) -> list[str]:
         _link_logged_model(client, model_id, registered, str(version.version))
         versions.append(str(version.version))
     if experiment:
-        print(f"{registered}: versions {', '.join(versions)} of experiment {experiment}; "
-              f"aliases left on the committed run's", file=sys.stderr)
+        print(f"{registered}: version{'s' * (len(versions) > 1)} {', '.join(versions)} "
+              f"registered for experiment {experiment}; @r0.. and @{BEST} stay on the "
+              f"committed run's", file=sys.stderr)
         return versions
     wanted = {replica_alias(i) for i in range(len(versions))}
     for alias in client.get_registered_model(registered).aliases:
