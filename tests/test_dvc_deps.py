@@ -74,7 +74,9 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def code_deps_needed(script: str) -> set[str]:
-    """The script and every aebench/stages file or folder it reaches through imports."""
+    """The script and every aebench/stages file or folder it reaches through imports, not
+    through an EXCEPTION (what MLflow records imports shapes no output either: tracking
+    builds a logged model with aebench/kinds to load it back)."""
     needed, todo = {script}, [script]
     while todo:
         for path in files_of(todo.pop()):
@@ -82,7 +84,8 @@ def code_deps_needed(script: str) -> set[str]:
                 dep = dep_of(module)
                 if dep and dep not in needed:
                     needed.add(dep)
-                    todo.append(dep)
+                    if dep not in EXCEPTIONS:
+                        todo.append(dep)
     return needed
 
 

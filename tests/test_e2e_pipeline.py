@@ -11,6 +11,7 @@ them; numbers are rounded to 6 significant digits; training is deterministic on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -93,9 +94,17 @@ def repos(tmp_path_factory) -> dict:
     sh(a, "git", "add", "-A")
     sh(a, "git", "commit", "-q", "-m", "baseline")
     outputs = (files_under(a), files_under(b))
+    aliases = registry_aliases(a)
     exp, rerun = side_by_side((a, ["dvc", "exp", "run", "-S", "models.under30.epochs=2"]),
                               (b, ["dvc", "repro"]))
-    return {"a": a, "b": b, "outputs": outputs, "exp": exp, "rerun": rerun}
+    return {"a": a, "b": b, "outputs": outputs, "exp": exp, "rerun": rerun,
+            "aliases_before_exp": aliases}
+
+
+def registry_aliases(repo: Path) -> dict:
+    with contextlib.closing(sqlite3.connect(repo / "mlflow.db")) as db:
+        return {(name, alias): version for name, alias, version in db.execute(
+            "select name, alias, version from registered_model_aliases")}
 
 
 def test_every_model_is_trained_evaluated_and_recorded(repos):
@@ -177,6 +186,18 @@ def test_one_param_change_retrains_and_rescores_only_that_model(repos):
     diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json"))
     assert list(diff) == ["metrics/under30.json"]  # one file per model: only under30's changed
     assert set(diff["metrics/under30.json"]) >= {"mse.mean", "mse.std"}
+
+
+def test_the_experiment_registers_its_models_and_moves_no_alias(repos):
+    # `dvc exp run` sets DVC_EXP_NAME in its stage commands: the retrained under30's versions
+    # are registered, tagged with the experiment; @r0, @r1 and @best stay on the committed run's
+    repo = repos["a"]
+    assert registry_aliases(repo) == repos["aliases_before_exp"]
+    with contextlib.closing(sqlite3.connect(repo / "mlflow.db")) as db:
+        tagged = dict(db.execute("select version, value from model_version_tags where name = "
+                                 "'aebench-under30' and key = 'dvc_exp_name'"))
+    assert sorted(tagged) == [3, 4] and len(set(tagged.values())) == 1  # its 2 replicas
+    assert not set(tagged) & set(repos["aliases_before_exp"].values())
 
 
 def test_compare_pairs_the_experiment_by_seed(repos):

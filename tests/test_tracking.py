@@ -3,6 +3,8 @@ seconds), with a tiny autoencoder that has encode / decode / latent_dim like the
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -18,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import store_folder
-from torch import nn
 
-from aebench import cli, tracking
+from aebench import cli, kinds, tracking
 
 
 def readme_snippet() -> str:
@@ -31,21 +32,17 @@ def readme_snippet() -> str:
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-class TinyAE(nn.Module):
-    def __init__(self, latent: int = 3):
-        super().__init__()
-        self.latent_dim = latent
-        self.enc = nn.Linear(784, latent)
-        self.dec = nn.Linear(latent, 784)
+def tiny(pixels: str = "-1,1", latent: int = 3):
+    """A tiny autoencoder of aebench's own kind mlp, as a params.yaml entry would make it."""
+    return kinds.validate_model("tiny", {
+        "kind": "mlp", "encoder": [784, latent], "decoder": [latent, 784], "activation": "relu",
+        "code_activation": "none", "output_activation": "tanh" if pixels == "-1,1" else "sigmoid",
+        "dropout": 0.0, "init": "torch", "pixels": pixels, "input_noise": 0.0,
+        "optimizer": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0}, "loss": "mse",
+        "batch_size": 8, "epochs": 1})
 
-    def encode(self, x):
-        return self.enc(x)
 
-    def decode(self, z):
-        return torch.tanh(self.dec(z))
-
-    def forward(self, x):
-        return self.decode(self.encode(x))
+TINY = tiny()
 
 
 def sha(name: str, index: int) -> str:
@@ -65,7 +62,9 @@ def store(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _store_uri(store, monkeypatch):
-    """Each test starts on the module's store (the README snippet switches to a relative URI)."""
+    """Each test starts on the module's store (the README snippet switches to a relative URI),
+    outside any DVC experiment."""
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store[1] / 'mlflow.db'}")
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
@@ -78,12 +77,13 @@ CURVE = [{"epoch": e, "test_mse": 0.5 / e, "test_mse_std": 0.01 * e, "train_loss
 
 @pytest.fixture(scope="module")
 def trained(store):
-    """deep3 trained as 2 replicas: {"parent": run id, "children": [run id], "models":
-    [model id], "nets": [TinyAE]}; the nets are left in train mode."""
+    """deep3 trained as 2 replicas by `dvc repro` (not an experiment): {"parent": run id,
+    "children": [run id], "models": [model id], "nets": [module]}; the nets are left in train
+    mode."""
     experiment_id, folder = store
     out = {"children": [], "models": [], "nets": []}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DVC_EXP_NAME", "exp-abc")
+        mp.delenv("DVC_EXP_NAME", raising=False)
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
         assert tracking.open_store() == experiment_id  # an earlier test may have moved MLflow
         params = {"kind": "mlp", "optimizer.lr": 1e-3, "n_train": 50, "device": "cpu"}
@@ -93,11 +93,11 @@ def trained(store):
             for i in range(2):
                 with tracking.replica_run("deep3", i, seed=i) as child:
                     torch.manual_seed(i)
-                    net = TinyAE()
+                    net = TINY.build()
                     tracking.log_epochs(EPOCHS, {"train_seconds": 1.5})
                     out["models"].append(tracking.log_replica_model(
                         net, name="deep3", index=i, pixels="-1,1", weights_sha256=sha("deep3", i),
-                        params=params))
+                        params=params, cfg=TINY))
                     out["children"].append(child)
                     out["nets"].append(net)
             tracking.log_training_curve(CURVE)
@@ -183,7 +183,7 @@ def test_training_is_one_parent_run_with_one_child_per_replica(store, trained):
     assert parent.data.params == {"kind": "mlp", "optimizer.lr": "0.001", "n_train": "50",
                                   "device": "cpu"}
     assert parent.data.tags["model"] == "deep3"
-    assert parent.data.tags["dvc_exp_name"] == "exp-abc"
+    assert "dvc_exp_name" not in parent.data.tags  # not an experiment
     assert parent.data.tags["git_commit"] == tracking.git_commit()
     assert "smoke" not in parent.data.tags
     assert parent.data.tags["mlflow.runColor"] == "#1f77b4"  # the UI's colour of its runs
@@ -246,34 +246,64 @@ def test_misuse_is_named(store):
     with pytest.raises(RuntimeError, match="log_epochs must run inside replica_run"):
         tracking.log_epochs(EPOCHS)
     with pytest.raises(ValueError, match="pixels '0,255' is not one of 0,1, -1,1"):
-        tracking.log_replica_model(TinyAE(), name="deep3", index=0, pixels="0,255",
+        tracking.log_replica_model(TINY.build(), name="deep3", index=0, pixels="0,255",
                                    weights_sha256="0" * 64)
 
 
 def test_logged_model_loads_as_the_module_itself(trained):
     model_id = trained["models"][0]
     uri = f"models:/{model_id}"
-    net = mlflow.pytorch.load_model(uri)
-    assert isinstance(net, TinyAE) and net.latent_dim == 3 and not net.training
+    net = tracking.load_model(uri)
+    assert isinstance(net, type(trained["nets"][0])) and net.latent_dim == 3 and not net.training
     assert trained["nets"][0].training  # the caller's module keeps its mode
     x = torch.rand(4, 784) * 2 - 1
     with torch.no_grad():
-        assert torch.equal(net.decode(net.encode(x)), trained["nets"][0](x))
+        assert torch.equal(net.decode(net.encode(x)), trained["nets"][0].eval()(x))
+        trained["nets"][0].train()
+        # MLflow's generic loader finds the same module through the loader module
+        pyfunc = mlflow.pyfunc.load_model(uri)
+        assert torch.equal(pyfunc.get_raw_model().encode(x), net.encode(x))
+        assert np.array_equal(pyfunc.predict(x.numpy()), net(x).numpy())
     info = mlflow.models.get_model_info(uri)
-    assert info.metadata == {"pixels": "-1,1", "latent_dim": 3}
+    assert info.metadata == {"pixels": "-1,1", "latent_dim": 3,
+                             "loads_with": "aebench.tracking.load_model"}
     for spec in (info.signature.inputs, info.signature.outputs):
         [tensor] = spec.inputs
         assert (tensor.type, tensor.shape) == (np.dtype("float32"), (-1, 784))
     logged = mlflow.get_logged_model(model_id)
     assert logged.name == "deep3-r0" and logged.source_run_id == trained["children"][0]
     assert logged.tags["weights_sha256"] == sha("deep3", 0)
-    code = mlflow.MlflowClient().list_logged_model_artifacts(model_id, "code/aebench")
-    assert {"code/aebench/cli.py", "code/aebench/tracking"} <= {f.path for f in code}  # it travels
+    # weights and the MLmodel file, which names aebench's installed loader: no pickled module,
+    # no stored code, no pytorch flavor (whose loader unpickles)
+    files = {f.path for f in mlflow.MlflowClient().list_logged_model_artifacts(model_id)}
+    assert "code" not in files and "data" in files
+    assert [f.path for f in mlflow.MlflowClient().list_logged_model_artifacts(
+        model_id, "data")] == ["data/replica.pt"]
+    assert set(info.flavors) == {"python_function"}
+    assert info.flavors["python_function"]["loader_module"] == "aebench.tracking.models"
+    assert "code" not in info.flavors["python_function"] or \
+        not info.flavors["python_function"]["code"]
+
+
+def test_loading_a_model_that_is_not_there_is_one_line(trained):
+    for uri in ("models:/aebench-deep3@nope", "models:/aebench-nothing/1"):
+        with pytest.raises(ValueError) as err:
+            tracking.load_model(uri)
+        assert str(err.value).startswith(f"{uri}: ") and "\n" not in str(err.value)
+
+
+def test_a_module_its_config_cannot_rebuild_is_not_logged(store):
+    with tracking.training_run(store[0], "mismatch", {}):
+        with tracking.replica_run("mismatch", 0, seed=0):
+            with pytest.raises(ValueError, match="models.mismatch does not rebuild this module"):
+                tracking.log_replica_model(tiny(latent=5).build(), name="mismatch", index=0,
+                                           pixels="-1,1", weights_sha256="0" * 64, cfg=TINY)
+    assert tracking.find_logged_model("mismatch", "0" * 64) is None
 
 
 def train_tiny(experiment_id: str, name: str, replicas: int, fail_at: int | None = None):
     """Model `name` trained as the train stage records it: `replicas` replica runs each logging
-    a TinyAE, then the curve and the registration; replica `fail_at` raises instead. Returns
+    a tiny mlp, then the curve and the registration; replica `fail_at` raises instead. Returns
     (logged model ids, registered versions)."""
     ids = []
     with tracking.training_run(experiment_id, name, {}):
@@ -281,8 +311,10 @@ def train_tiny(experiment_id: str, name: str, replicas: int, fail_at: int | None
             with tracking.replica_run(name, i, seed=i):
                 if i == fail_at:
                     raise ValueError("diverged")
-                ids.append(tracking.log_replica_model(TinyAE(), name=name, index=i,
-                                                      pixels="0,1", weights_sha256=sha(name, i)))
+                tracking.log_epochs(EPOCHS)
+                ids.append(tracking.log_replica_model(TINY.build(), name=name, index=i,
+                                                      pixels="-1,1", weights_sha256=sha(name, i),
+                                                      cfg=TINY))
         tracking.log_training_curve(CURVE)
         return ids, tracking.register_training(name, ids)
 
@@ -314,10 +346,11 @@ def test_each_replica_is_a_version_of_the_registered_model(trained):
         assert mv.run_id == trained["children"][i]
         assert mv.tags == {"model": "deep3", "replica": str(i), "weights_sha256": sha("deep3", i),
                            "model_id": trained["models"][i], "training_run_id": trained["parent"]}
-    net = mlflow.pytorch.load_model("models:/aebench-deep3@r1")
+    net = tracking.load_model("models:/aebench-deep3@r1")
     x = torch.rand(2, 784)
     with torch.no_grad():
-        assert torch.equal(net(x), trained["nets"][1](x))
+        assert torch.equal(net(x), trained["nets"][1].eval()(x))
+    trained["nets"][1].train()
 
 
 def test_a_training_moves_the_aliases_once_all_replicas_are_in(store):
@@ -347,6 +380,124 @@ def test_best_of_an_unregistered_model_is_a_warning(trained, capsys):
     assert tracking.registry.aliases("deep3") == before
 
 
+def test_versions_carry_their_test_mse_and_link_their_runs(store, trained):
+    client = mlflow.MlflowClient()
+    exp = store[0]
+    for i, version in enumerate(trained["versions"]):
+        text = client.get_model_version("aebench-deep3", version).description
+        # the curve's last epoch (mean ± std over the 2 replicas), then this replica's own
+        assert text.startswith("test MSE 0.16667 ± 0.03000 over 2 replicas; this replica: "
+                               "0.16667\n")
+        assert f"[deep3](#/experiments/{exp}/runs/{trained['parent']})" in text
+        assert f"[deep3-r{i}](#/experiments/{exp}/runs/{trained['children'][i]})" in text
+        assert "(seed " + str(i) + ")" in text
+        # the logged model names its version: the Models tab's "Registered models" column
+        held = mlflow.get_logged_model(trained["models"][i]).tags["mlflow.modelVersions"]
+        assert json.loads(held) == [{"name": "aebench-deep3", "version": version}]
+    registered = client.get_registered_model("aebench-deep3")
+    assert registered.tags == {"test_mse": "0.16667 ± 0.03000 over 2 replicas"}
+    assert 'aebench.tracking.load_model("models:/aebench-deep3@best")' in \
+        registered.description
+
+
+def test_best_is_named_in_a_tag_the_registry_list_shows(store):
+    ids, versions = train_tiny(store[0], "tagged", 2)
+    client = mlflow.MlflowClient()
+    assert "best" not in client.get_registered_model("aebench-tagged").tags
+    assert tracking.registry.set_best("tagged", sha("tagged", 1)) == versions[1]
+    # first among the tags: the registry's list shows the first three, in their order
+    assert list(client.get_registered_model("aebench-tagged").tags.items()) == [
+        ("best", f"version {versions[1]}, test MSE 0.16667"),
+        ("test_mse", "0.16667 ± 0.03000 over 2 replicas")]
+    train_tiny(store[0], "tagged", 2)  # a new training: @best and its tag describe the old one
+    assert "best" not in client.get_registered_model("aebench-tagged").tags
+    assert "best" not in tracking.registry.aliases("tagged")
+
+
+def test_an_experiment_registers_versions_and_moves_no_alias(store, monkeypatch, capsys):
+    client = mlflow.MlflowClient()
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    _, committed = train_tiny(store[0], "exp", 2)
+    tracking.registry.set_best("exp", sha("exp", 1))
+    before = tracking.registry.aliases("exp")
+    tags_before = client.get_registered_model("aebench-exp").tags
+    assert before == {"r0": committed[0], "r1": committed[1], "best": committed[1]}
+
+    # what DVC sets in the stage commands of `dvc exp run -n lr-3e-4` (and a sweep's runs)
+    monkeypatch.setenv("DVC_EXP_NAME", "lr-3e-4")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
+    ids, versions = train_tiny(store[0], "exp", 3)
+    assert f"aebench-exp: versions {', '.join(versions)} registered for experiment lr-3e-4" \
+        in capsys.readouterr().err
+    assert tracking.registry.set_best("exp", sha("exp", 2)) is None  # its evaluate
+    assert tracking.registry.aliases("exp") == before
+    assert client.get_registered_model("aebench-exp").tags == tags_before
+    for i, version in enumerate(versions):
+        mv = client.get_model_version("aebench-exp", version)
+        assert mv.tags["dvc_exp_name"] == "lr-3e-4" and mv.tags["replica"] == str(i)
+        assert mv.tags["dvc_exp_baseline_rev"] == "a" * 40
+        assert "DVC experiment `lr-3e-4`: no alias points here" in mv.description
+        assert client.get_run(mv.tags["training_run_id"]).data.tags["dvc_exp_name"] == "lr-3e-4"
+
+    # back in the committed run: an evaluation of weights an experiment also registered picks
+    # the committed run's version; the next committed training moves the aliases again
+    monkeypatch.delenv("DVC_EXP_NAME")
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV")
+    assert tracking.registry.set_best("exp", sha("exp", 0)) == committed[0]
+    _, again = train_tiny(store[0], "exp", 2)
+    assert tracking.registry.aliases("exp") == {"r0": again[0], "r1": again[1]}
+
+
+class Payload:
+    """A pickle that creates `marker` when it is loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_loading_runs_no_code_from_the_store(store, tmp_path):
+    """Whoever can write the artifact store replaces a logged model's weights with a pickle that
+    runs code when it is unpickled: loading refuses it, naming the file, and runs nothing."""
+    import pickle
+
+    ids, _ = train_tiny(store[0], "attacked", 1)
+    artifacts = Path(mlflow.get_logged_model(ids[0]).artifact_location.removeprefix("file://"))
+    weights = artifacts / "data" / "replica.pt"
+    assert weights.is_file()
+    marker = tmp_path / "ran"
+    uri = "models:/aebench-attacked@r0"
+    buffer = io.BytesIO()
+    torch.save({"name": "attacked", "config": TINY.model_dump(), "state_dict": Payload(marker)},
+               buffer)
+    for label, payload in [("bare pickle", pickle.dumps(Payload(marker))),
+                           ("torch.save zip", buffer.getvalue())]:
+        weights.write_bytes(payload)
+        for load in (tracking.load_model, mlflow.pyfunc.load_model):
+            with pytest.raises(ValueError) as err:
+                load(uri)
+            message = str(err.value)
+            assert "data/replica.pt" in message and "\n" not in message, (label, message)
+            assert not marker.exists(), (label, load)
+        assert uri in str(pytest.raises(ValueError, tracking.load_model, uri).value)
+        # the payload is live: an unrestricted unpickler runs it (then fails, or not)
+        with contextlib.suppress(Exception):
+            torch.load(weights, weights_only=False)
+        assert marker.exists(), label
+        marker.unlink()
+
+    # the whole model swapped for an older aebench's (a pickled module, mlflow.pytorch's
+    # loader): refused unread, by name
+    weights.unlink()
+    (artifacts / "data" / "model.pth").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(ValueError, match=r"models:/aebench-attacked@r0: data/model.pth is a "
+                                         r"pickled module.*re-log it"):
+        tracking.load_model(uri)
+    assert not marker.exists()
+
+
 def test_find_logged_model_by_weights_sha256(store, trained):
     assert tracking.find_logged_model("deep3", sha("deep3", 1)) == trained["models"][1]
     assert tracking.find_logged_model("deep3", "0" * 64) is None
@@ -354,8 +505,9 @@ def test_find_logged_model_by_weights_sha256(store, trained):
     # a retrained replica with the same weights: the newest logged model wins
     with tracking.training_run(store[0], "deep3", {}):
         with tracking.replica_run("deep3", 1, seed=1):
-            newer = tracking.log_replica_model(TinyAE(), name="deep3", index=1, pixels="-1,1",
-                                               weights_sha256=sha("deep3", 1))
+            newer = tracking.log_replica_model(TINY.build(), name="deep3", index=1,
+                                               pixels="-1,1", weights_sha256=sha("deep3", 1),
+                                               cfg=TINY)
     assert tracking.find_logged_model("deep3", sha("deep3", 1)) == newer
 
 

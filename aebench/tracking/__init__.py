@@ -11,8 +11,9 @@ What the store holds, in one experiment (`aebench`):
 - training: one run per model, named NAME (its params and tags; once its replicas finish, the
   mean and std over them of test_mse and train_loss per epoch), with one child run per
   replica, NAME-r{i} (seed, per-epoch metrics at step = epoch, and the logged model NAME-r{i}).
-  The logged model is a pickled torch module (`mlflow.pytorch.load_model` returns the
-  autoencoder with `encode`, `decode` and `latent_dim`), tagged with the sha256 of the weights
+  The logged model is the replica's weights and config, no pickle (load_model reads them with
+  torch.load(weights_only=True) and returns the autoencoder with `encode`, `decode` and
+  `latent_dim`; see models), tagged with the sha256 of the weights
   file that DVC tracks: evaluation finds it from the checkpoint alone, so no run id ever has to
   be written into a DVC output (it would make re-runs non-reproducible). Each logged model is a
   version of the registered model aebench-NAME (aliases @r{i}, @best: see registry).
@@ -37,7 +38,13 @@ from .evaluation import (
     log_evaluation,
     log_results,
 )
-from .models import PIXEL_SCALES, find_logged_model, log_replica_model, sha256_file
+from .models import (
+    PIXEL_SCALES,
+    find_logged_model,
+    load_model,
+    log_replica_model,
+    sha256_file,
+)
 from .registry import register_training, registered_name
 from .runs import (
     end_stale_runs,
@@ -60,7 +67,7 @@ from .store import (
 
 __all__ = ["EXPERIMENT", "PIXEL_SCALES", "TrackingError", "attach_report", "common_tags",
            "end_stale_runs", "eval_dataset", "evaluation_run", "find_logged_model", "git_commit",
-           "last_store", "log_artifacts", "log_epochs", "log_evaluation", "log_replica_model",
-           "log_results", "log_training_curve", "model_color", "open_store", "register_training",
-           "registered_name", "replica_run", "sha256_file", "tracking_uri", "training_run",
-           "working_copy_root"]
+           "last_store", "load_model", "log_artifacts", "log_epochs", "log_evaluation",
+           "log_replica_model", "log_results", "log_training_curve", "model_color", "open_store",
+           "register_training", "registered_name", "replica_run", "sha256_file", "tracking_uri",
+           "training_run", "working_copy_root"]

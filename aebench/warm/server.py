@@ -13,7 +13,6 @@ import selectors
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,13 +42,14 @@ def preload() -> None:
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     with contextlib.suppress(ImportError):
         import mlflow.data
-        import mlflow.pytorch
+        import mlflow.pyfunc
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
     # only a warm-up: whatever goes wrong here, the stage meets (and reports) itself
-    with contextlib.suppress(Exception), tempfile.TemporaryDirectory() as tmp:
-        mlflow.pytorch.save_model(torch.nn.Linear(1, 1), f"{tmp}/model",
-                                  serialization_format="pickle", pip_requirements=["torch"])
+    with contextlib.suppress(Exception):
+        from ..tracking.models import warm_up
+
+        warm_up()  # saves a throwaway model as the train stage logs one
 
 
 def serve(key: str, cold: int | None = None) -> tuple[socket.socket, dict, list[int]] | None:
