@@ -123,11 +123,12 @@ def store_errors() -> Iterator[None]:
 
     On a local store (sqlite, file://) Ctrl-C, SIGTERM and SIGHUP that come inside the block act
     when it ends (cli.deferred_signals): an interrupt that lands inside SQLAlchemy can leave the
-    sqlite file locked by this very process (the interrupted statement's connection is closed
-    while its cursor is still alive), so that the cleanup's end_run(KILLED) waited 20 s and
-    failed with "database is locked". Over HTTP an interrupt acts at once (a slow server would
-    hold it for minutes). A store failure raised while an interrupt is handled gives way to the
-    interrupt: the stage exits 130 (143, 129) as interrupted, not 1."""
+    sqlite file locked by this very process (SQLAlchemy drops the interrupted connection, and
+    what the interrupt's traceback still holds keeps its lock until garbage collection), so
+    that the cleanup's end_run(KILLED) waited 20 s and failed with "database is locked".
+    Over HTTP an interrupt acts at once (a slow server would hold it for minutes). A store
+    failure raised while an interrupt is handled gives way to the interrupt: the stage exits
+    130 (143, 129) as interrupted, not 1."""
     import mlflow
 
     hold = cli.deferred_signals() if _local(mlflow.get_tracking_uri()) else nullcontext()
