@@ -24,7 +24,7 @@ import gzip
 import hashlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +208,20 @@ def store_folder() -> Iterator[Path]:
     where = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="aebench-test-mlflow-", dir=where) as folder:
         yield Path(folder)
+
+
+@pytest.fixture(scope="session")
+def memory_path_factory() -> Iterator[Callable[[str], Path]]:
+    """memory_path_factory(name): a new folder in memory (/dev/shm where there is one, as
+    store_folder), removed at the end of the session, for the `dvc repro` flows: every MLflow
+    write, and DVC's state, is a synced sqlite write, which a busy shared disk makes slow
+    (with train.workers 1 besides, tests/test_e2e_pipeline.py took 113 s instead of 182 s,
+    tests/test_review.py 80 s instead of 96 s, back to back on a shared 2-core machine)."""
+    shm = Path("/dev/shm")
+    where = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="aebench-test-", dir=where,
+                                     ignore_cleanup_errors=True) as top:
+        yield lambda name: Path(tempfile.mkdtemp(prefix=f"{name}-", dir=top))
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,10 @@ def prepare(dest: Path) -> Path:
     repo = copy_repo(dest)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["limit"] = 0
+    # One process per training: two workers would start two more interpreters (torch, seconds
+    # of imports each) for a second of training. The worker path: test_workers.py, conftest's
+    # project (workers 2) and the kill test below (workers 2).
+    params["train"]["workers"] = 1
     params["models"] = {name: {**params["models"][name], "epochs": 1, **extra}
                         for name, extra in MODELS.items()}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -84,12 +89,24 @@ def side_by_side(*commands: tuple[Path, list[str]], warm=(True, True)) -> list[s
 
 
 @pytest.fixture(scope="module")
-def repos(tmp_path_factory) -> dict:
+def repos(memory_path_factory) -> Iterator[dict]:
     """Two copies with the pipeline run once each, side by side, the first with its stages
     forked from a warm server (aebench.warm), the second each in a process of its own
     (AEBENCH_WARM=0); their outputs are saved; then, again side by side, an experiment with
-    one param changed in the first and a plain `dvc repro` (nothing changed) in the second."""
-    a, b = (prepare(tmp_path_factory.mktemp(n)) for n in ("a", "b"))
+    one param changed in the first and a plain `dvc repro` (nothing changed) in the second.
+
+    In memory (conftest's memory_path_factory)."""
+    a, b = memory_path_factory("a"), memory_path_factory("b")
+    try:
+        yield run_both(a, b)
+    finally:  # the warm servers of both copies, before their folders go
+        for repo in (a, b):
+            subprocess.run([sys.executable, "-m", "aebench.warm", "--stop"], cwd=repo,
+                           env=env(), capture_output=True, timeout=60)
+
+
+def run_both(a: Path, b: Path) -> dict:
+    a, b = prepare(a), prepare(b)
     side_by_side((a, ["dvc", "repro"]), (b, ["dvc", "repro"]), warm=(True, False))
     sh(a, "git", "add", "-A")
     sh(a, "git", "commit", "-q", "-m", "baseline")

@@ -70,11 +70,11 @@ def tracked_run(experiment_id: str, run_name: str, tags: Mapping[str, str], *,
     SystemExit. Yields the run id."""
     import mlflow
 
-    with store_errors():
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, nested=nested,
-                               tags={**tags, "process": _process_tag()})
-    status = "FINISHED"
+    run, status = None, "FINISHED"
     try:
+        with store_errors():  # a Ctrl-C held by it acts once `run` is set: the run ends KILLED
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                                   nested=nested, tags={**tags, "process": _process_tag()})
         yield run.info.run_id
     except Exception:
         status = "FAILED"
@@ -83,8 +83,9 @@ def tracked_run(experiment_id: str, run_name: str, tags: Mapping[str, str], *,
         status = "KILLED"
         raise
     finally:
-        with store_errors():
-            mlflow.end_run(status)
+        if run is not None:
+            with store_errors():
+                mlflow.end_run(status)
 
 
 def active_run(caller: str, inside: str):

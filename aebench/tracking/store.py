@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from .. import cli
 
 EXPERIMENT = "aebench"
+MAX_REASON = 200  # characters of the cause that a store error's line quotes
 CHECK_TIMEOUT_S = 5.0  # how long open_store waits on an HTTP tracking server
+# open_store runs sqlite's quick_check on a sqlite store up to this size: it reads every page
+# (about 25 ms for a 1.4 MB store after `make smoke`, 0.35 s for 146 MB, on a busy 2-core
+# machine); a larger store is opened unchecked (docs/faults.md says how to check it by hand).
+QUICK_CHECK_MAX_BYTES = 256 * 2**20
 # The store the working copy's last run wrote, one URI, beside mlflow.db (ignored by git): the
 # stages record their default store there, `make smoke` its copy's; `make ui` and the reuse
 # snippet (last_store) open it.
@@ -35,6 +41,9 @@ _ADVICE = (
      "copy"),
     (("disk i/o error", "disk is full", "file too large", "no space left", "quota"),
      "check the free space and the file-size limit (`ulimit -f`) where {file} lies"),
+    (("filesystem tracking backend",),  # MLflow 3 refuses file:// stores unless told
+     "use a sqlite store (sqlite:///PATH/mlflow.db; `mlflow migrate-filestore` moves a file "
+     "store's runs there), or set MLFLOW_ALLOW_FILE_STORE=true"),
     (("database is locked",), "another process holds the store: try again when it is done"),
     (("readonly database", "read-only", "permission denied"), "make {file} writable"),
 )
@@ -56,13 +65,27 @@ def _reason(err: BaseException) -> str:
         todo += [getattr(e, "orig", None), e.__cause__, e.__context__]
     lines = [line for line in str(err).splitlines() if line.strip()
              and not line.lstrip().startswith(("[SQL:", "[parameters:", "(Background on"))]
-    text = " ".join(lines) or type(err).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    return shortened(" ".join(lines) or type(err).__name__)
+
+
+def shortened(text: str, limit: int = MAX_REASON) -> str:
+    """`text` cut to `limit` characters at the end of a sentence (MLflow's messages go on with
+    links and guides), else of a word, never inside one."""
+    if len(text) <= limit:
+        return text
+    kept = ""
+    for sentence in re.split(r"(?<=[.!?])\s+", text):
+        if len(kept) + len(sentence) + 1 > limit:
+            break
+        kept = f"{kept} {sentence}".lstrip()
+    if kept:
+        return kept
+    return text[:limit - 1].rsplit(" ", 1)[0].rstrip(",;:") + "…"
 
 
 def store_error(err: BaseException, uri: str) -> TrackingError:
     """One line for a failure of MLflow on the store `uri`: the store, why, what to do."""
-    reason = _reason(err)
+    reason = _reason(err).rstrip(".")
     advice = next((todo for words, todo in _ADVICE if any(w in reason.lower() for w in words)),
                   "fix the store, or set MLFLOW_TRACKING_URI to another one")
     advice = advice.format(file=sqlite_path(uri) or uri)  # the file to move, free, unlock
@@ -70,17 +93,53 @@ def store_error(err: BaseException, uri: str) -> TrackingError:
                          "the traceback)")
 
 
+def interrupt_under_way(err: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt (Ctrl-C, SIGTERM: cli.Interrupted) that was being handled when `err` was
+    raised, if any: an error of the cleanup (MLflow's end_run KILLED, a session's rollback)
+    is then not the story, the interrupt is."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is s for s in seen):
+            continue
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.append(e)
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def _local(uri: str) -> bool:
+    """Whether the store is a file on this machine (sqlite, file://): its writes take
+    milliseconds."""
+    return urlsplit(uri).scheme in ("sqlite", "file", "")
+
+
 @contextmanager
 def store_errors() -> Iterator[None]:
     """MLflow calls inside the block: any failure (MLflow's, SQLAlchemy's, a file it writes) as
-    one TrackingError line (store_error). Works as a decorator too."""
+    one TrackingError line (store_error). Works as a decorator too.
+
+    On a local store (sqlite, file://) Ctrl-C, SIGTERM and SIGHUP that come inside the block act
+    when it ends (cli.deferred_signals): an interrupt that lands inside SQLAlchemy can leave the
+    sqlite file locked by this very process (SQLAlchemy drops the interrupted connection, and
+    what the interrupt's traceback still holds keeps its lock until garbage collection), so
+    that the cleanup's end_run(KILLED) waited 20 s and failed with "database is locked".
+    Over HTTP an interrupt acts at once (a slow server would hold it for minutes). A store
+    failure raised while an interrupt is handled gives way to the interrupt: the stage exits
+    130 (143, 129) as interrupted, not 1."""
+    import mlflow
+
+    hold = cli.deferred_signals() if _local(mlflow.get_tracking_uri()) else nullcontext()
     try:
-        yield
+        with hold:
+            yield
     except TrackingError:
         raise
     except Exception as err:  # noqa: BLE001 - MLflow raises many types for one broken store
-        import mlflow
-
+        if (interrupt := interrupt_under_way(err)) is not None:
+            raise interrupt  # noqa: B904 - its context is the store's error, for --debug
         raise store_error(err, mlflow.get_tracking_uri()) from err
 
 
@@ -174,6 +233,30 @@ def _check_reachable(uri: str) -> None:
                             "MLFLOW_TRACKING_URI to a store you can reach.") from None
 
 
+def check_integrity(uri: str) -> None:
+    """A sqlite store's pages must hold together (sqlite's `PRAGMA quick_check`): a page
+    overwritten at random is otherwise found only by the query that reads it, maybe hours later
+    or never (MLflow reads most tables only for the UI). One line naming the file; nothing for a
+    new store, another kind of store, or one over QUICK_CHECK_MAX_BYTES."""
+    import sqlite3
+    from contextlib import closing
+
+    path = sqlite_path(uri)
+    if path is None or not path.is_file() or path.stat().st_size > QUICK_CHECK_MAX_BYTES:
+        return
+    try:
+        # read-write, as MLflow opens it: a hot journal left by a killed writer is rolled back
+        with closing(sqlite3.connect(path, timeout=20)) as db:  # 20 s: MLflow's busy_timeout
+            found = [row[0] for row in db.execute("PRAGMA quick_check(1)")]
+    except sqlite3.Error as err:
+        raise TrackingError(f"cannot open the {store_error(err, uri)}") from err
+    if found != ["ok"]:
+        what = shortened(" ".join(" ".join(found).split()), 120)
+        raise TrackingError(f"MLflow tracking store {uri}: damaged (sqlite's quick_check: "
+                            f"{what}); move {path} aside (the next run starts a new store) or "
+                            "put back a copy")
+
+
 def open_store(cwd: str | Path | None = None) -> str:
     """Point MLflow at the store and make sure the experiment exists; return the experiment id.
 
@@ -184,6 +267,7 @@ def open_store(cwd: str | Path | None = None) -> str:
     uri = tracking_uri(cwd)
     by_hand = bool(os.environ.get("MLFLOW_TRACKING_URI"))  # set_tracking_uri sets it too
     _check_reachable(uri)
+    check_integrity(uri)
     mlflow.set_tracking_uri(uri)
     db_errors = logging.getLogger("mlflow.store.db.utils")
     if not any(isinstance(f, _Quiet) for f in db_errors.filters):
@@ -192,6 +276,8 @@ def open_store(cwd: str | Path | None = None) -> str:
         with _quick_http_requests():
             experiment_id = _experiment(uri)
     except Exception as err:  # noqa: BLE001 - MLflow raises many types for an unusable store
+        if (interrupt := interrupt_under_way(err)) is not None:
+            raise interrupt  # noqa: B904
         raise TrackingError(f"cannot open the {store_error(err, uri)}") from err
     if not by_hand:  # a store set by hand is not recorded (nor make smoke's: it records it)
         record_last_store(uri, working_copy_root(cwd))
