@@ -53,6 +53,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def needs_login(host: str, forced: bool = False) -> bool:
+    """MLflow's login is on wherever the server listens beyond loopback (or when asked)."""
+    return forced or not is_loopback(host)
+
+
 def pg_binary(name: str) -> str:
     """A PostgreSQL program: on PATH, else Debian's newest /usr/lib/postgresql/N/bin."""
     found = shutil.which(name) or next(iter(sorted(
@@ -221,7 +226,7 @@ def _terminate(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     folder = args.dir.resolve()
-    auth = args.auth or not is_loopback(args.host)
+    auth = needs_login(args.host, args.auth)
     child = None
     started = False
     signal.signal(signal.SIGTERM, _terminate)
