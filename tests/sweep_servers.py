@@ -71,24 +71,41 @@ def status(url: str, path: str, auth: tuple[str, str] | None = None,
         return err.code
 
 
-@contextmanager
-def mlflow_server(*args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
-    """`aebench mlflow-server` on a free port of 127.0.0.1; SIGTERM to its pid at the end."""
-    base = Path(tempfile.mkdtemp(prefix="aebench-test-server-"))
-    base.chmod(0o711)  # root's temporaries: PostgreSQL's own user must reach pg/ inside
-    port = free_port()
-    log = base / "server.log"
-    with open(log, "w") as out:
+def private_temp(prefix: str) -> Path:
+    """A temporary folder that PostgreSQL's own user can traverse (root's /tmp/pytest-of-root
+    is 0700)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o711)
+    return base
+
+
+def start_server(folder: Path, port: int, *args: str) -> Server:
+    """`aebench mlflow-server folder --port port`, ready; its log beside the folder."""
+    log = folder.parent / f"{folder.name}.log"
+    with open(log, "a") as out:
         proc = subprocess.Popen([sys.executable, "-m", "aebench", "mlflow-server",
-                                 str(base / "srv"), "--port", str(port), "--workers", "1",
-                                 *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env=env)
-    server = Server(f"http://127.0.0.1:{port}", base / "srv", proc, log)
+                                 str(folder), "--port", str(port), "--workers", "1", *args],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", folder, proc, log)
     try:
         wait_ready(server)
+    except BaseException:
+        stop(server)
+        raise
+    return server
+
+
+@contextmanager
+def mlflow_server(*args: str) -> Iterator[Server]:
+    """`aebench mlflow-server` on a free port of 127.0.0.1; SIGTERM to its pid at the end."""
+    base = private_temp("aebench-test-server-")
+    server = None
+    try:
+        server = start_server(base / "srv", free_port(), *args)
         yield server
     finally:
-        stop(server)
+        if server is not None:
+            stop(server)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -155,9 +155,10 @@ def collect(refs: dict, progress: Progress) -> list[Result]:
             progress.done += result.ok
             progress.failed += not result.ok
             took = sum(result.seconds.values())
+            parts = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
             print(f"  {'done' if result.ok else 'FAILED'} {job.name} "
                   f"({specs.Configuration(job.name, job.overrides).label()}) on {result.host}"
-                  + (f" in {duration(took)}" if took else "")
+                  + (f" in {duration(took)} ({parts})" if took else "")
                   + (f": {result.message}" if result.message else ""), file=sys.stderr,
                   flush=True)
         if ready or time.monotonic() - last >= PROGRESS_S:
@@ -198,6 +199,17 @@ def sweep(args: argparse.Namespace) -> int:
     commit, url = base_commit(root, args.remote)
     uri = tracking_uri(root)
     nodes, node_cpus, gpu = connect(args.address)
+    try:
+        return on_cluster(args, root, spec, configs, params, commit, url, uri, nodes,
+                          node_cpus, gpu)
+    finally:
+        import ray
+
+        ray.shutdown()  # disconnects; stops the local Ray that ray.init started, if it did
+
+
+def on_cluster(args, root, spec, configs, params, commit, url, uri, nodes, node_cpus,
+               gpu) -> int:
     if nodes > 1 and is_local_store(uri):
         raise SweepError(f"MLflow store {uri}: a file on this machine, which the cluster's "
                          f"other {nodes - 1} node(s) cannot reach; start `aebench "

@@ -8,6 +8,7 @@
 3. `dvc exp run --pull --allow-missing -n NAME -S ...`: inputs and the run cache from the DVC
    remote; every MLflow run goes to the sweep's experiment on the shared server, tagged with
    the sweep, the overrides and the experiment's name (aebench.tracking.store).
+   A failed run pushes what its finished stages made (and their run cache) all the same.
 4. Data first (`dvc push --run-cache`), refs second (`dvc exp push --no-cache`), then the
    remote's ref must be this experiment's commit (`git ls-remote`): `dvc exp push` exits 0
    having pushed nothing when the name has diverged, so its exit code is not trusted.
@@ -81,6 +82,10 @@ def last_line(text: str) -> str:
 
 
 def step(what: str, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    # DVC ends with this task's process (a lost node, a killed driver): setpriv asks the kernel
+    # for SIGTERM when the parent dies, and the stages end with DVC (aebench.cli)
+    if args[0] == "dvc" and shutil.which("setpriv"):
+        args = ["setpriv", "--pdeathsig", "TERM", *args]
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise StepFailed(f"{what} failed (exit {proc.returncode}): "
@@ -114,7 +119,10 @@ def same_overrides(clone: Path, commit: str, overrides: dict[str, Any]) -> str |
 def task_env(job: Job) -> dict[str, str]:
     tags = {"sweep": job.sweep, "sweep_overrides": json.dumps(job.overrides, sort_keys=True),
             "sweep_experiment": job.name}
-    env = {**os.environ, "MLFLOW_TRACKING_URI": job.tracking_uri,
+    # A server gone for good fails a stage in seconds, not after MLflow's 7 retries with
+    # backoff (minutes); a blip of a few seconds is still retried. The user's settings win.
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+           **os.environ, "MLFLOW_TRACKING_URI": job.tracking_uri,
            EXPERIMENT_ID_ENV: job.experiment_id, RUN_TAGS_ENV: json.dumps(tags)}
     # `python` and `dvc` of this environment first, as in an activated venv
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -145,8 +153,15 @@ def run_configuration(job: Job) -> Result:
             result.ok, result.commit, result.message = True, there, "already on the remote"
             return result
         start = time.monotonic()
-        step("dvc exp run", ["dvc", "exp", "run", "--pull", "--allow-missing", "-n", job.name,
-                             *job.set_args], clone, env)
+        try:
+            step("dvc exp run", ["dvc", "exp", "run", "--pull", "--allow-missing", "-n",
+                                 job.name, *job.set_args], clone, env)
+        except StepFailed:
+            # what the stages that did finish made, and their run-cache entries: a re-run
+            # restores them instead of running them again
+            subprocess.run(["dvc", "push", "--run-cache", "--quiet"], cwd=clone, env=env,
+                           capture_output=True)
+            raise
         result.seconds["run"] = time.monotonic() - start
         start = time.monotonic()
         mine = local_commit(clone, ref)
