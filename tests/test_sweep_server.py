@@ -56,3 +56,14 @@ def test_a_request_without_login_is_refused():
             assert attack.returncode != 0 and "ermission denied" in attack.stderr, attack
     assert srv.proc.returncode == 0
     assert not postgres_running(srv.folder)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only: PostgreSQL runs as its own user")
+def test_a_dir_postgres_cannot_reach_is_refused(tmp_path, capsys):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    assert server.main([str(private / "srv"), "--port", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("give a DIR it can reach, e.g. /srv/aebench-mlflow") and \
+        "cannot reach it" in err and "\n" not in err
+    assert not (private / "srv" / "pg").exists()

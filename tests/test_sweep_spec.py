@@ -118,9 +118,15 @@ def test_driver_refuses_before_submitting(tmp_path, monkeypatch, capsys):
     assert "bad.yaml: train.sed: not a key of" in refusal(bad)
 
 
-def test_a_file_store_is_refused_on_a_cluster_of_several_nodes():
-    from aebench.sweep.driver import is_local_store
+def test_a_store_the_other_nodes_cannot_reach_is_refused():
+    from aebench.sweep.driver import Cluster, unreachable
 
-    assert is_local_store("sqlite:////tmp/mlflow.db")
-    assert is_local_store("/tmp/mlruns") and is_local_store("file:///tmp/mlruns")
-    assert not is_local_store("http://127.0.0.1:5000")
+    one, two_on_one_host, two_hosts = Cluster(1, 1, 2, False), Cluster(3, 1, 1, False), \
+        Cluster(3, 2, 1, False)
+    for uri in ("sqlite:////tmp/mlflow.db", "/tmp/mlruns", "file:///tmp/mlruns"):
+        assert unreachable(uri, one) is None
+        assert "a file on this machine" in unreachable(uri, two_on_one_host)
+    for uri in ("http://127.0.0.1:5000", "http://localhost:5000"):
+        assert unreachable(uri, two_on_one_host) is None
+        assert "loopback" in unreachable(uri, two_hosts)
+    assert unreachable("http://10.0.0.5:5000", two_hosts) is None

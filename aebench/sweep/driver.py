@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -100,15 +101,33 @@ def make_experiment(uri: str, name: str, commit: str) -> str:
         raise SweepError(str(err)) from None
 
 
-def connect(address: str | None) -> tuple[int, int, bool]:
-    """ray.init on the cluster; (alive nodes, the most CPUs of one node, any GPU)."""
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int          # alive nodes
+    hosts: int          # their distinct addresses
+    node_cpus: int      # the most CPUs of one node
+    gpu: bool           # any GPU
+
+
+def connect(address: str | None) -> Cluster:
     import ray
 
     ray.init(address=address, log_to_driver=False, logging_level="WARNING")
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    cpus = max((int(n["Resources"].get("CPU", 0)) for n in nodes), default=0)
-    gpu = any(n["Resources"].get("GPU", 0) for n in nodes)
-    return len(nodes), cpus, gpu
+    return Cluster(len(nodes), len({n.get("NodeManagerAddress") for n in nodes}),
+                   max((int(n["Resources"].get("CPU", 0)) for n in nodes), default=0),
+                   any(n["Resources"].get("GPU", 0) for n in nodes))
+
+
+def unreachable(uri: str, cluster: Cluster) -> str | None:
+    """Why the cluster's other nodes cannot reach the store, or None."""
+    if cluster.nodes > 1 and is_local_store(uri):
+        return (f"a file on this machine, which the cluster's other {cluster.nodes - 1} "
+                "node(s) cannot reach")
+    host = urlsplit(uri).hostname or ""
+    if cluster.hosts > 1 and (host == "localhost" or host.startswith("127.") or host == "::1"):
+        return f"loopback, which the cluster's other {cluster.hosts - 1} host(s) cannot reach"
+    return None
 
 
 def duration(seconds: float) -> str:
@@ -198,22 +217,19 @@ def sweep(args: argparse.Namespace) -> int:
     params = specs.check(configs, root / "params.yaml", args.spec)
     commit, url = base_commit(root, args.remote)
     uri = tracking_uri(root)
-    nodes, node_cpus, gpu = connect(args.address)
+    cluster = connect(args.address)
     try:
-        return on_cluster(args, root, spec, configs, params, commit, url, uri, nodes,
-                          node_cpus, gpu)
+        return on_cluster(args, root, spec, configs, params, commit, url, uri, cluster)
     finally:
         import ray
 
         ray.shutdown()  # disconnects; stops the local Ray that ray.init started, if it did
 
 
-def on_cluster(args, root, spec, configs, params, commit, url, uri, nodes, node_cpus,
-               gpu) -> int:
-    if nodes > 1 and is_local_store(uri):
-        raise SweepError(f"MLflow store {uri}: a file on this machine, which the cluster's "
-                         f"other {nodes - 1} node(s) cannot reach; start `aebench "
-                         "mlflow-server` and set MLFLOW_TRACKING_URI to its address")
+def on_cluster(args, root, spec, configs, params, commit, url, uri, cluster) -> int:
+    if (why := unreachable(uri, cluster)) is not None:
+        raise SweepError(f"MLflow store {uri}: {why}; start `aebench mlflow-server` where "
+                         "every node reaches it and set MLFLOW_TRACKING_URI to its address")
     experiment = EXPERIMENT_PREFIX + spec.name
     experiment_id = make_experiment(uri, experiment, commit)
     there = remote_experiments(root, args.remote, commit)
@@ -222,7 +238,7 @@ def on_cluster(args, root, spec, configs, params, commit, url, uri, nodes, node_
           f"{len(configs) - len(todo)} already on {args.remote}; MLflow experiment "
           f"{experiment} ({experiment_id}) at {uri}", file=sys.stderr, flush=True)
     results = submit(spec.name, todo, params, commit, url, uri, experiment_id, experiment,
-                     node_cpus, gpu)
+                     cluster.node_cpus, cluster.gpu)
     return finish(root, args, spec.name, configs, results, commit, there)
 
 

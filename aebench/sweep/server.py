@@ -103,7 +103,15 @@ def prepare(folder: Path) -> None:
     (folder / "artifacts").mkdir(mode=0o700, exist_ok=True)
     if (pg / "data" / "PG_VERSION").is_file():
         return
-    user = pwd.getpwnam(db_user())
+    try:
+        user = pwd.getpwnam(db_user())
+    except KeyError:
+        raise ServerError(f"no user {db_user()!r} to run PostgreSQL as (root may not); "
+                          "install Debian's postgresql, which creates it") from None
+    if os.geteuid() == 0 and subprocess.run(as_db_user(["test", "-x", str(folder)])).returncode:
+        raise ServerError(f"{folder}: PostgreSQL's user {user.pw_name} cannot reach it (a "
+                          "folder above it is private, as /root is); give a DIR it can reach, "
+                          "e.g. /srv/aebench-mlflow")
     pg.mkdir(mode=0o700, exist_ok=True)
     (pg / "socket").mkdir(mode=0o700, exist_ok=True)
     for path in (pg, pg / "socket"):

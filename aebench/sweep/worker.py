@@ -73,12 +73,15 @@ def exp_ref(commit: str, name: str) -> str:
     return f"refs/exps/{commit[:2]}/{commit[2:]}/{name}"
 
 
-def last_line(text: str) -> str:
-    """The line that says why: the last non-empty line that is not DVC's own summary."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+def last_line(stderr: str, stdout: str = "") -> str:
+    """The line that says why: a stage's own one-line error (`error: ...`, aebench.cli), else
+    the last line on stderr that is not DVC's summary of it, else the last line at all."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
     own = [line for line in lines if not line.startswith(("ERROR: failed to reproduce",
                                                           "ERROR: failed to run"))]
-    return (own or lines or ["(no output)"])[-1][:400]
+    rest = [line.strip() for line in stdout.splitlines() if line.strip()]
+    return (errors or own or lines or rest or ["(no output)"])[-1][:400]
 
 
 def step(what: str, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -89,7 +92,7 @@ def step(what: str, args: list[str], cwd: Path, env: dict[str, str] | None = Non
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise StepFailed(f"{what} failed (exit {proc.returncode}): "
-                         f"{last_line(proc.stderr + proc.stdout)}")
+                         f"{last_line(proc.stderr, proc.stdout)}")
     return proc.stdout
 
 
