@@ -39,3 +39,13 @@ def test_best_first_paired_and_holm_over_every_configuration():
     assert rows[-1] == "| s-bad | lr=1 | | | | | | | FAILED: dvc exp run failed (exit 1): boom |"
     assert "p (Holm over 2)" in text and "beyond seed noise" in text and \
         "): s-better." in text
+
+
+def test_progress_line():
+    from aebench.sweep.progress import Progress
+
+    progress = Progress("lr", total=5, slots=2)
+    assert progress.line(5) == "sweep lr: 0 done, 2 running, 0 failed, 3 waiting; " \
+        "time left unknown"
+    progress.done, progress.failed = 1, 1
+    assert progress.line(3).startswith("sweep lr: 1 done, 2 running, 1 failed, 1 waiting; about ")

@@ -11,7 +11,7 @@ progress, and ends with one table, best first: each configuration against the ba
 (aebench.sweep.report).
 
 exit codes: 0 every configuration done; 1 some failed (each named, with why); 2 an error
-(one line), nothing submitted.
+(one line), nothing submitted; 130 interrupted (Ctrl-C: a re-run resumes).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from urllib.parse import urlsplit
 
 from .. import stats
 from . import spec as specs
+from .progress import Progress, collect
 from .worker import CREDENTIALS, Job, Result, exp_ref
 
 EXPERIMENT_PREFIX = "aebench-sweep-"
-PROGRESS_S = 30.0      # a progress line at least this often
 NODE_RETRIES = 3       # Ray runs a task again this often when its node dies
 
 
@@ -109,6 +109,32 @@ class Cluster:
     gpu: bool           # any GPU
 
 
+def end_left_running(experiment_id: str) -> int:
+    """Mark KILLED the runs of the sweep's experiment still RUNNING when it starts: an earlier
+    attempt's (a killed driver, a stopped server, a lost node) whose process is gone. Done
+    here, once, before any task: the stages' own clean-up of stale runs (end_stale_runs) in
+    two tasks at once would race on the same run (PostgreSQL refuses the second tag)."""
+    import mlflow
+
+    from ..tracking.store import TrackingError, store_errors
+
+    when = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        with store_errors():
+            client = mlflow.MlflowClient()
+            runs = client.search_runs([experiment_id], "attributes.status = 'RUNNING'",
+                                      max_results=10000)
+            for run in runs:
+                client.set_tag(run.info.run_id, "mlflow.note.content",
+                               "Left RUNNING by an earlier attempt of this sweep, which ended "
+                               f"without closing it; marked KILLED at {when} when the sweep "
+                               "started again.")
+                client.set_terminated(run.info.run_id, "KILLED")
+    except TrackingError as err:
+        raise SweepError(str(err)) from None
+    return len(runs)
+
+
 def connect(address: str | None) -> Cluster:
     import ray
 
@@ -128,62 +154,6 @@ def unreachable(uri: str, cluster: Cluster) -> str | None:
     if cluster.hosts > 1 and (host == "localhost" or host.startswith("127.") or host == "::1"):
         return f"loopback, which the cluster's other {cluster.hosts - 1} host(s) cannot reach"
     return None
-
-
-def duration(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
-class Progress:
-    """done, running, failed, waiting, and the time left at the pace so far."""
-
-    def __init__(self, name: str, total: int, slots: int):
-        self.name, self.total, self.slots = name, total, max(1, slots)
-        self.start = time.monotonic()
-        self.done = self.failed = 0
-
-    def line(self, pending: int) -> str:
-        running = min(pending, self.slots)
-        finished = self.done + self.failed
-        left = "time left unknown"
-        if finished:
-            pace = (time.monotonic() - self.start) / finished * min(self.slots, self.total)
-            left = f"about {duration(pace * -(-pending // self.slots))} left"
-        return (f"sweep {self.name}: {self.done} done, {running} running, {self.failed} failed, "
-                f"{pending - running} waiting; {left}")
-
-
-def collect(refs: dict, progress: Progress) -> list[Result]:
-    """Wait for every task; a task lost for good (its node died NODE_RETRIES times) is a failed
-    Result too."""
-    import ray
-
-    results, pending = [], list(refs)
-    last = time.monotonic()
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=PROGRESS_S)
-        for ref in ready:
-            job = refs[ref]
-            try:
-                result = ray.get(ref)
-            except Exception as err:  # noqa: BLE001 - Ray's errors for a lost task, many types
-                text = " ".join(str(err).split())
-                result = Result(job.name, ok=False, message=f"{type(err).__name__}: "
-                                f"{text[:300]}")
-            results.append(result)
-            progress.done += result.ok
-            progress.failed += not result.ok
-            took = sum(result.seconds.values())
-            parts = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
-            print(f"  {'done' if result.ok else 'FAILED'} {job.name} "
-                  f"({specs.Configuration(job.name, job.overrides).label()}) on {result.host}"
-                  + (f" in {duration(took)} ({parts})" if took else "")
-                  + (f": {result.message}" if result.message else ""), file=sys.stderr,
-                  flush=True)
-        if ready or time.monotonic() - last >= PROGRESS_S:
-            print(progress.line(len(pending)), file=sys.stderr, flush=True)
-            last = time.monotonic()
-    return results
 
 
 def parser() -> argparse.ArgumentParser:
@@ -206,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SweepError, specs.SpecError) as err:
         print(f"aebench sweep: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("aebench sweep: interrupted; its running tasks end with it, and what is on the "
+              "git remote stays: run it again to resume", file=sys.stderr)
+        return 130
 
 
 def sweep(args: argparse.Namespace) -> int:
@@ -232,6 +206,9 @@ def on_cluster(args, root, spec, configs, params, commit, url, uri, cluster) -> 
                          "every node reaches it and set MLFLOW_TRACKING_URI to its address")
     experiment = EXPERIMENT_PREFIX + spec.name
     experiment_id = make_experiment(uri, experiment, commit)
+    if ended := end_left_running(experiment_id):
+        print(f"sweep {spec.name}: {ended} MLflow run(s) left RUNNING by an earlier attempt "
+              "marked KILLED", file=sys.stderr)
     there = remote_experiments(root, args.remote, commit)
     todo = [cfg for cfg in configs if cfg.name not in there]
     print(f"sweep {spec.name}: {len(configs)} configurations at {commit[:12]}, "
