@@ -25,6 +25,7 @@ def test_run_tags_from_the_environment(monkeypatch):
     assert "sweep" not in store.common_tags()
 
 
+@pytest.mark.cluster  # a new sqlite store's migrations: 5-20 s, kept out of `make test`
 def test_the_sweeps_experiment_not_aebench(tmp_path, monkeypatch):
     import mlflow
 
