@@ -87,12 +87,12 @@ def sweep_side(base: Path, proj: Path, env: dict) -> dict:
         out = proc.stderr
     finally:
         cluster.shutdown()
-    configs = [dict(zip(("clone", "run", "push"), map(float, m)))
-               for m in re.findall(r"\(clone ([\d.]+) s, run ([\d.]+) s, push ([\d.]+) s\)",
-                                   out)]
+    steps = ("clone", "pull", "run", "push")
+    configs = [dict(zip(steps, map(float, m))) for m in re.findall(
+        r"\(clone ([\d.]+) s, pull ([\d.]+) s, run ([\d.]+) s, push ([\d.]+) s\)", out)]
     return {"wall_s": round(wall, 1), "configs": configs,
             "mean_s": {k: round(sum(c[k] for c in configs) / len(configs), 1)
-                       for k in ("clone", "run", "push")} if configs else None,
+                       for k in steps} if configs else None,
             "exit": proc.returncode, "stderr": proc.stderr.splitlines(),
             "stdout": proc.stdout.splitlines()}
 

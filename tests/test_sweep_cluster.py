@@ -4,7 +4,7 @@ MLflow server on 127.0.0.1, all in a network namespace of their own (`unshare --
 `ip link set lo up`): outside one, Ray advertises the machine's interface address.
 
 `test_in_a_network_namespace` runs this file's other tests in such a namespace (they skip
-outside one). A project of one model at smoke size (3,000 images, 1 epoch, 1 replica) is run
+outside one). A project of two models at smoke size (3,000 images, 1 epoch, 1 replica) is run
 once as the base commit; each test sweeps two configurations of deep3's learning rate.
 Marked `cluster`: `python -m pytest -m cluster tests/test_sweep_cluster.py` (minutes).
 """
@@ -82,7 +82,8 @@ def world():
     copy_repo(proj)
     slice_params(proj / "params.yaml", limit=3000, epochs=1, replicas=1)
     params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["models"] = {"deep3": params["models"]["deep3"]}  # one model: the smallest sweep
+    # two models: a sweep of deep3 re-runs evaluate, which reads shallow128's weights too
+    params["models"] = {m: params["models"][m] for m in ("deep3", "shallow128")}
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     py = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{py}{os.pathsep}{os.environ['PATH']}",

@@ -5,9 +5,10 @@
 2. The remote already holds this experiment's ref (an earlier attempt pushed it, then its node
    died): the ref's params are checked against the overrides; the same -> done, without
    running it again; others -> a name collision, a failure.
-3. `dvc exp run --pull --allow-missing -n NAME -S ...`: inputs and the run cache from the DVC
-   remote; every MLflow run goes to the sweep's experiment on the shared server, tagged with
-   the sweep, the overrides and the experiment's name (aebench.tracking.store).
+3. `dvc pull` (the base commit's outputs), then `dvc exp run --pull -n NAME -S ...` (the run
+   cache too) from the DVC remote; every MLflow run goes to the sweep's experiment on the
+   shared server, tagged with the sweep, the overrides and the experiment's name
+   (aebench.tracking.store).
    A failed run pushes what its finished stages made (and their run cache) all the same.
 4. Data first (`dvc push --run-cache`), refs second (`dvc exp push --no-cache`), then the
    remote's ref must be this experiment's commit (`git ls-remote`): `dvc exp push` exits 0
@@ -60,7 +61,7 @@ class Result:
     ok: bool
     message: str = ""               # one line: why it failed, or "already on the remote"
     commit: str | None = None       # the experiment's commit on the remote
-    seconds: dict[str, float] = field(default_factory=dict)  # clone, run, push
+    seconds: dict[str, float] = field(default_factory=dict)  # clone, pull, run, push
     host: str = field(default_factory=socket.gethostname)
 
 
@@ -157,8 +158,14 @@ def run_configuration(job: Job) -> Result:
             return result
         start = time.monotonic()
         try:
-            step("dvc exp run", ["dvc", "exp", "run", "--pull", "--allow-missing", "-n",
-                                 job.name, *job.set_args], clone, env)
+            # every output of the base commit first: `--pull --allow-missing` alone skips an
+            # unchanged stage without pulling its outputs, which a changed stage downstream
+            # reads (evaluate reads every model)
+            step("dvc pull", ["dvc", "pull", "--quiet"], clone, env)
+            result.seconds["pull"] = time.monotonic() - start
+            start = time.monotonic()
+            step("dvc exp run", ["dvc", "exp", "run", "--pull", "-n", job.name,
+                                 *job.set_args], clone, env)
         except StepFailed:
             # what the stages that did finish made, and their run-cache entries: a re-run
             # restores them instead of running them again
