@@ -47,5 +47,6 @@ def test_progress_line():
     progress = Progress("lr", total=5, slots=2)
     assert progress.line(5) == "sweep lr: 0 done, 2 running, 0 failed, 3 waiting; " \
         "time left unknown"
-    progress.done, progress.failed = 1, 1
-    assert progress.line(3).startswith("sweep lr: 1 done, 2 running, 1 failed, 1 waiting; about ")
+    progress.done, progress.failed, progress.seconds = 1, 1, [100.0]
+    assert progress.line(3) == "sweep lr: 1 done, 2 running, 1 failed, 1 waiting; about 3 min " \
+        "left"  # two rounds of 2 slots at 100 s each

@@ -19,20 +19,20 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    """done, running, failed, waiting, and the time left at the pace so far."""
+    """done, running, failed, waiting, and the time left: the mean task so far, once per round
+    of the cluster's slots still to go."""
 
     def __init__(self, name: str, total: int, slots: int):
         self.name, self.total, self.slots = name, total, max(1, slots)
-        self.start = time.monotonic()
         self.done = self.failed = 0
+        self.seconds: list[float] = []  # each finished task's own time
 
     def line(self, pending: int) -> str:
         running = min(pending, self.slots)
-        finished = self.done + self.failed
         left = "time left unknown"
-        if finished:
-            pace = (time.monotonic() - self.start) / finished * min(self.slots, self.total)
-            left = f"about {duration(pace * -(-pending // self.slots))} left"
+        if self.seconds:
+            task = sum(self.seconds) / len(self.seconds)
+            left = f"about {duration(task * -(-pending // self.slots))} left"
         return (f"sweep {self.name}: {self.done} done, {running} running, {self.failed} failed, "
                 f"{pending - running} waiting; {left}")
 
@@ -58,6 +58,8 @@ def collect(refs: dict, progress: Progress) -> list[Result]:
             progress.done += result.ok
             progress.failed += not result.ok
             took = sum(result.seconds.values())
+            if took and result.ok:
+                progress.seconds.append(took)
             parts = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
             print(f"  {'done' if result.ok else 'FAILED'} {job.name} "
                   f"({specs.Configuration(job.name, job.overrides).label()}) on {result.host}"
