@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from sweep_servers import (
 pytestmark = pytest.mark.cluster
 INSIDE = os.environ.get("AEBENCH_TEST_NETNS") == "1"
 WAIT_LIMIT_S = 900  # a limit on waiting for a sweep's state, not a timing
+SWEEPS = ("lr", "node", "kill", "srv")  # the sweeps' names, one per test
 
 
 def why_not() -> str | None:
@@ -109,6 +111,10 @@ def world():
         cluster.shutdown()
         stop(world["server"])
         shutil.rmtree(base, ignore_errors=True)
+        # the clones of tasks killed with their node or driver (a finished task removes its own)
+        for name in SWEEPS:
+            for clone in Path(tempfile.gettempdir()).glob(f"aebench-sweep-{name}-*"):
+                shutil.rmtree(clone, ignore_errors=True)
 
 
 def spec(world, name: str, lrs: list[float]) -> Path:
