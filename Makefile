@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	# torch and torchvision first, pinned to the builds this machine has on disk; pip shows its
 	# progress (a few minutes on a fresh machine)
 	$(BIN)/python -m pip install --progress-bar on torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install --progress-bar on -e '.[dev]'
+	$(BIN)/python -m pip install --progress-bar on -e '.[dev,sweep]'
 	touch $@
 
 # The YAML files DVC reads are checked first: an alias bomb would take `dvc repro` gigabytes.

@@ -8,9 +8,11 @@ import sys
 SUBCOMMANDS = {
     "compare": "is each model's change between two revisions larger than seed noise?",
     "review": "the pull-request check: re-run what changed, check the committed results",
+    "sweep": "configurations x seeds as DVC experiments on a Ray cluster, against the base",
+    "mlflow-server": "one MLflow tracking server on PostgreSQL, for a team or a sweep",
 }
-USAGE = "usage: aebench {compare,review} [-h] ...\n\nsubcommands:\n" + "".join(
-    f"  {name:<9} {text}\n" for name, text in SUBCOMMANDS.items()) + \
+USAGE = "usage: aebench {" + ",".join(SUBCOMMANDS) + "} [-h] ...\n\nsubcommands:\n" + "".join(
+    f"  {name:<14} {text}\n" for name, text in SUBCOMMANDS.items()) + \
     "\n`aebench SUBCOMMAND --help` for its options, verdicts and exit codes.\n"
 
 
@@ -24,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from .compare import main as run
     elif command == "review":
         from .review import main as run
+    elif command == "sweep":
+        from .sweep.driver import main as run
+    elif command == "mlflow-server":
+        from .sweep.server import main as run
     else:
         print(f"aebench: unknown subcommand {command!r}\n\n{USAGE}", end="", file=sys.stderr)
         return 2

@@ -28,6 +28,12 @@ LAST_STORE_FILE = ".mlflow-last-store"
 # commit (the copy's own is meaningless), and what the smoke run shrank.
 COMMIT_ENV = "AEBENCH_GIT_COMMIT"
 SMOKE_ENV = "AEBENCH_SMOKE"
+# Set by a sweep's worker (aebench.sweep.worker) for the stages of its experiment: the MLflow
+# experiment the sweep's driver created once (MLflow's own variable: runs never look an
+# experiment up by name, which concurrent workers would race on), and more tags for every run
+# (a JSON object: the sweep, the configuration's overrides, the experiment's name).
+EXPERIMENT_ID_ENV = "MLFLOW_EXPERIMENT_ID"
+RUN_TAGS_ENV = "AEBENCH_RUN_TAGS"
 
 
 class TrackingError(RuntimeError):
@@ -288,6 +294,8 @@ def _experiment(uri: str) -> str:
     """The id of the experiment in the current store, created if missing."""
     import mlflow
 
+    if os.environ.get(EXPERIMENT_ID_ENV):  # a sweep's: it exists (get_experiment raises if not)
+        return mlflow.get_experiment(os.environ[EXPERIMENT_ID_ENV]).experiment_id
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
         return exp.experiment_id
@@ -321,5 +329,21 @@ def common_tags() -> dict[str, str]:
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     if os.environ.get(SMOKE_ENV):
         tags["smoke"] = os.environ[SMOKE_ENV]
+    return {**tags, **extra_tags()}
+
+
+def extra_tags() -> dict[str, str]:
+    """$AEBENCH_RUN_TAGS (a JSON object of strings, set by a sweep's worker) as tags."""
+    import json
+
+    text = os.environ.get(RUN_TAGS_ENV)
+    if not text:
+        return {}
+    try:
+        tags = json.loads(text)
+    except ValueError as err:
+        raise TrackingError(f"${RUN_TAGS_ENV}: not JSON ({err})") from None
+    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+        raise TrackingError(f"${RUN_TAGS_ENV}: {text[:80]!r} is not a JSON object of strings")
     return tags
 
