@@ -3,6 +3,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+DEV_STAMP := $(VENV)/.installed-dev-stamp
 # On an offline machine of this workplace the complete MNIST mirror lies beside the checkout.
 MNIST_MIRROR ?= $(wildcard $(abspath ../shared/data/mnist))
 export MNIST_MIRROR
@@ -10,13 +11,19 @@ export MNIST_MIRROR
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: repro test lint setup
-setup: $(STAMP)
+setup: $(DEV_STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	# torch and torchvision first, pinned to the builds this machine has on disk; pip shows its
 	# progress (a few minutes on a fresh machine)
 	$(BIN)/python -m pip install --progress-bar on torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --progress-bar on -e .
+	touch $@
+
+# The tests need the dev tools and the sweep's extra (Ray, psycopg, MLflow's auth app); the
+# pipeline (`make repro`, `make smoke`) does not install them.
+$(DEV_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --progress-bar on -e '.[dev,sweep]'
 	touch $@
 
@@ -25,10 +32,10 @@ repro: $(STAMP)
 	$(BIN)/python -m aebench.yaml_bounds
 	$(BIN)/dvc repro
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 
 # `make smoke`: the whole pipeline on 3,000 training images, one epoch, one replica, in a scratch
