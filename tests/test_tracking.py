@@ -718,6 +718,28 @@ def test_runs_left_running_by_a_dead_process_are_marked_killed(store):
     assert status["elsewhere"].info.status == "RUNNING"
 
 
+def test_a_stale_run_another_process_ended_meanwhile_is_skipped(store, monkeypatch):
+    # Two sweep tasks find the same dead run: the second's write fails (PostgreSQL refused the
+    # duplicate tag); the run is no longer RUNNING, so that is not an error.
+    client = mlflow.MlflowClient()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run = client.create_run(store[0], tags={"model": "raced",
+                                            "process": f"{socket.gethostname()}:{dead.pid}"})
+    set_tag = mlflow.MlflowClient.set_tag
+
+    def raced(self, run_id, key, value, *args, **kwargs):
+        if run_id == run.info.run_id and key == "mlflow.note.content":
+            set_tag(self, run_id, key, value)
+            self.set_terminated(run_id, "KILLED")  # the other task, just before us
+            raise mlflow.exceptions.MlflowException("duplicate key value violates ...")
+        return set_tag(self, run_id, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_tag", raced)
+    assert tracking.runs.end_stale_runs(store[0], model="raced") == []
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+
+
 def test_readme_snippet(store, trained, mnist_csv, tmp_path, monkeypatch):
     # As after `make smoke`: the project's root names the smoke store, which has the smoke run's
     # data beside it; the snippet runs from the root, where there is no mlflow.db.

@@ -109,6 +109,7 @@ def end_stale_runs(experiment_id: str, **tags: str) -> list[str]:
     whose process is gone (a SIGKILL, a power cut); return their ids. Runs of a live process
     (a parallel `dvc exp` job) are left alone."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     if not tags:
         raise ValueError("end_stale_runs: name at least one tag, e.g. model='deep3'")
@@ -125,9 +126,14 @@ def end_stale_runs(experiment_id: str, **tags: str) -> list[str]:
         note = (f"Left RUNNING by process {run.data.tags.get('process', '?')}, which ended "
                 f"without closing it (killed); marked KILLED at {when} when {what} started "
                 "again.")
-        client.set_tag(run.info.run_id, "mlflow.note.content", note)
-        client.set_tag(run.info.run_id, "ended_by", "end_stale_runs")
-        client.set_terminated(run.info.run_id, "KILLED")
+        try:
+            client.set_tag(run.info.run_id, "mlflow.note.content", note)
+            client.set_tag(run.info.run_id, "ended_by", "end_stale_runs")
+            client.set_terminated(run.info.run_id, "KILLED")
+        except MlflowException:  # another process ended it meanwhile (two sweep tasks at once)
+            if client.get_run(run.info.run_id).info.status == "RUNNING":
+                raise
+            continue
         ended.append(run.info.run_id)
     if ended:
         print(f"MLflow: marked {len(ended)} run(s) of {what} left RUNNING as KILLED",
