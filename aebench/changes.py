@@ -128,6 +128,12 @@ def compare(a: Side, b: Side, alpha: float = stats.ALPHA, paired: bool = True) -
                     rescales_mse(ea, a.replicas.get(model))
                     and rescales_mse(eb, b.replicas.get(model))):
                 row.loss_test = run_test(a, b, model, "test_loss", paired)
+    return holm_verdicts(rows, alpha)
+
+
+def holm_verdicts(rows: list[Row], alpha: float = stats.ALPHA) -> list[Row]:
+    """Holm-adjust the tested rows' p-values (and their spreads') over all of `rows`, and give
+    each its verdict: better, worse or within noise. The rows, changed in place."""
     tested = [r for r in rows if r.p is not None]
     for r, p, sp in zip(tested, stats.holm([r.p for r in tested]),
                         stats.holm([r.spread_p for r in tested])):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import stats
-from ..changes import PRIMARY, Row, compare, spread_flag
+from ..changes import PRIMARY, Row, compare, holm_verdicts
 from ..revisions import Side
 
 DASH = "—"
@@ -30,13 +30,7 @@ def sweep_rows(base: Side, sides: list[tuple[str, str, Side]],
     bit-identical to the base, Holm-adjusted over all of them, best first."""
     lines = [Line(name, label, row) for name, label, side in sides
              for row in compare(base, side, alpha) if row.verdict != "identical"]
-    tested = [line.row for line in lines if line.row.p is not None]
-    for r, p, sp in zip(tested, stats.holm([r.p for r in tested]),
-                        stats.holm([r.spread_p for r in tested])):
-        r.p_adj, r.spread_adj = p, sp
-        r.spread = spread_flag(r.a[PRIMARY]["std"], r.b[PRIMARY]["std"], sp, alpha)
-        better = r.b[PRIMARY]["mean"] < r.a[PRIMARY]["mean"]
-        r.verdict = "within noise" if p >= alpha else ("better" if better else "worse")
+    holm_verdicts([line.row for line in lines], alpha)  # over every configuration at once
     return sorted(lines, key=lambda line: change(line.row) if change(line.row) is not None
                   else float("inf"))
 
