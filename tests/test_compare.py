@@ -226,16 +226,22 @@ MODELS_A = {"deep3": [0.0300, 0.0307, 0.0314], "under30": SEEDS_A, "conv16": [0.
 MODELS_B = {"deep3": [0.0300, 0.0307, 0.0314], "under30": SEEDS_B, "conv16": [0.008, 0.0081]}
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """Commit `empty` has no metrics; v1 holds MODELS_A; the workspace holds MODELS_B."""
+def new_dvc_repo(root):
+    """An empty git + DVC repository at `root`."""
     from dvc.repo import Repo
 
-    root = tmp_path_factory.mktemp("repo")
+    root.mkdir(exist_ok=True)
     git(root, "init", "-q")
     git(root, "config", "user.email", "t@example.com")
     git(root, "config", "user.name", "t")
     Repo.init(str(root)).close()
+    return root
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """Commit `empty` has no metrics; v1 holds MODELS_A; the workspace holds MODELS_B."""
+    root = new_dvc_repo(tmp_path_factory.mktemp("repo"))
     (root / "dvc.yaml").write_text(DVC_YAML)
     (root / "metrics").mkdir()
     (root / "reports").mkdir()
@@ -371,14 +377,7 @@ def test_missing_metrics_at_a_commit_name_the_commit(repo):
 def test_a_details_file_missing_at_a_commit_falls_back_to_welch(tmp_path):
     """dvc.yaml names reports/details.json, which that commit lacks: DVC's PathMissingError is
     "not there" (Welch on mean ± std), not a traceback."""
-    from dvc.repo import Repo
-
-    root = tmp_path / "repo"
-    root.mkdir()
-    git(root, "init", "-q")
-    git(root, "config", "user.email", "t@example.com")
-    git(root, "config", "user.name", "t")
-    Repo.init(str(root)).close()
+    root = new_dvc_repo(tmp_path / "repo")
     (root / "dvc.yaml").write_text(DVC_YAML)
     (root / "metrics").mkdir()
     (root / "reports").mkdir()
@@ -410,14 +409,7 @@ OLD_DVC_YAML = """stages:
 def test_a_revision_from_another_layout_names_what_todays_layout_misses(tmp_path):
     """A revision whose dvc.yaml named metrics/pca.json and metrics/models.json, never
     committed: the line says that today's metrics folder is not there, then its own names."""
-    from dvc.repo import Repo
-
-    root = tmp_path / "repo"
-    root.mkdir()
-    git(root, "init", "-q")
-    git(root, "config", "user.email", "t@example.com")
-    git(root, "config", "user.name", "t")
-    Repo.init(str(root)).close()
+    root = new_dvc_repo(tmp_path / "repo")
     (root / "dvc.yaml").write_text(OLD_DVC_YAML)
     git(root, "add", "-A")
     git(root, "commit", "-qm", "old layout")
