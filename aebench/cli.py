@@ -128,6 +128,9 @@ def _verdict(err: BaseException, usage: str) -> tuple[str, int]:
         signum = getattr(err, "signum", signal.SIGINT)
         return f"interrupted: {stage} ({signal.Signals(signum).name})", 128 + signum
     msg = "; ".join(s.strip() for s in str(err).splitlines() if s.strip())
+    if isinstance(err, MemoryError):  # numpy names the size; Python's own says nothing
+        return (f"error: out of memory{': ' + msg if msg else ''} (this process's limit: "
+                "the machine's memory, ulimit -v or the cgroup's memory.max)"), 1
     # ours (ValueError, OSError, raised by our code) carry the whole story in the message
     if isinstance(err, (ValueError, OSError)) or type(err).__module__.split(".")[0] in (
             "aebench", "stages"):

@@ -1,22 +1,35 @@
 """The replicas of one model: one after another in this process, or side by side in worker
 processes on the CPU, with the same bytes either way.
 
-A worker is a fresh interpreter (multiprocessing's "spawn": forking a process in which torch has
-started threads is unsafe) that trains on one thread, by training.train_replica as this process
-would, and sends back the weights (a state_dict as torch.save bytes) and the History. Only this
-process writes files and MLflow records (sqlite takes one writer). Workers write nothing, so one
-can be killed at any moment without loss: on a failure or an interruption this process kills
-them all, and each dies with it even when it is SIGKILLed (PR_SET_PDEATHSIG on Linux).
+A worker is a `fork` of the stage: it starts with torch imported and the training and test
+images in memory, shared with the stage (copy-on-write pages that nobody writes), so it costs
+milliseconds, not the 4-5 s of a fresh interpreter importing torch and unpickling the data.
+Forking is safe here because of what a worker does first and never does:
+- torch's intra-op thread pool (GNU OpenMP) does not survive a fork: a child that runs a
+  parallel region on two threads after its parent has used the pool hangs for ever. A worker
+  sets one thread before any torch operation, as the stage's own training does, and one thread
+  never enters the pool (tests/test_workers.py starts the pool in the parent, then forks).
+- CUDA cannot be used after a fork. Workers train only on the CPU, and a stage that has
+  initialised CUDA (a device other than the CPU) trains in its own process.
+- Whatever the stage's other threads held at the fork (MLflow's, tqdm's) stays held in the
+  child: a worker touches no lock of theirs (tqdm gets a fresh one) and writes no MLflow record.
+Each worker trains by training.train_replica, as this process would, and sends back the weights
+(a state_dict as torch.save bytes) and the History. Only this process writes files and MLflow
+records (sqlite takes one writer). Workers write nothing, so one can be killed at any moment
+without loss: on a failure or an interruption this process kills them all, and each dies with
+it even when it is SIGKILLed (PR_SET_PDEATHSIG on Linux).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import io
 import math
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -44,12 +57,39 @@ class Stopped(BaseException):  # noqa: N818 - it is not an error: a run it ends 
     failed. Not an Exception, as KeyboardInterrupt is not: its MLflow run ends KILLED."""
 
 
+# What a failed allocation says: torch's CPU allocator, numpy.
+_ALLOCATION = re.compile(r"you tried to allocate (\d+) bytes|Unable to allocate ([\d.]+ \w+)")
+
+
+def out_of_memory(name: str, replica: int, kind: str, message: str, workers: int
+                  ) -> ReplicaError | None:
+    """The one-line error for replica `replica` of model `name` that failed with `kind`:
+    `message` for want of memory (MemoryError, or torch's allocator), naming what it asked for
+    and what to lower; None for any other failure."""
+    if kind != "MemoryError" and "can't allocate memory" not in message:
+        return None
+    found = _ALLOCATION.search(message)
+    size = (f"{int(found[1]) / 2**20:.1f} MiB" if found and found[1] else
+            found[2] if found else "memory")
+    cure = (f"a smaller train.workers than {workers} in params.yaml (each worker holds its own "
+            "copy of the data in the model's scale), or a smaller train.limit" if workers > 1
+            else "a smaller train.limit in params.yaml, or more memory (ulimit -v, the "
+            "cgroup's memory.max)")
+    return ReplicaError(f"model {name}-r{replica}: out of memory: could not allocate {size} "
+                        f"more; try {cure}")
+
+
 # --------------------------------------------------------------------------- how many workers
 
 
 # The most one worker held at its peak, resident with torch's shared libraries (conv16 on the
 # full data; benchmarks/workers.py memory): auto starts no more workers than memory has room for.
 WORKER_MEMORY = 1536 * 2**20
+# Auto trains in this process when a replica is smaller than this (epochs x training images):
+# below it, starting workers and sharing two cores with the stage's own work (reading the data,
+# saving, logging each replica) cost more than the replicas side by side save. Measured with the
+# cheapest model per sample (docs/speed.md, "When workers pay").
+MIN_SAMPLES = 20_000
 
 
 def _cgroup_folders(mounts: str, own: str) -> list[Path]:
@@ -111,14 +151,17 @@ def usable_cores() -> int:
     return max(1, min(cores, math.ceil(quota))) if quota else cores
 
 
-def count(asked: int, replicas: int, device: torch.device) -> int:
-    """Worker processes for `replicas` replicas: `asked` (train.workers), at most one per
-    replica; 0 = auto: one per usable core, as many as memory has room for (WORKER_MEMORY
-    each); 1, this process, on CUDA and MPS."""
-    if device.type != "cpu":
+def count(asked: int, replicas: int, device: torch.device, samples: int | None = None) -> int:
+    """Worker processes for `replicas` replicas of `samples` training samples each (epochs x
+    images): `asked` (train.workers), at most one per replica; 0 = auto: one per usable core,
+    as many as memory has room for (WORKER_MEMORY each), and none (this process) for replicas
+    too small to pay for a worker (MIN_SAMPLES); 1, this process, on CUDA and MPS."""
+    if device.type != "cpu" or torch.cuda.is_initialized():  # no CUDA state in a fork
         return 1
     if asked:
         return min(asked, replicas)
+    if samples is not None and samples < MIN_SAMPLES:
+        return 1
     room = available_memory()
     fit = replicas if room is None else room // WORKER_MEMORY
     return max(1, min(usable_cores(), replicas, fit))
@@ -143,36 +186,40 @@ def _die_with(parent: int) -> None:
 
 
 def memory() -> tuple[int, int]:
-    """(peak resident, resident now and not shared) bytes of this process, from
-    /proc/self/status (VmHWM, RssAnon: torch's libraries are resident but shared by every
-    process that maps them); (0, 0) where there is no /proc."""
+    """(resident, resident and not shared) bytes of this process now, from
+    /proc/self/smaps_rollup: a worker shares torch's libraries and the stage's pages (the
+    images) with the stage, and only what it alone holds (Private_*) is its own; (0, 0)
+    where there is no /proc."""
     try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").open())
-        return tuple(int(fields[key].split()[0]) * 1024 for key in ("VmHWM", "RssAnon"))
+        lines = Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]  # 1: the range
+        kib = {key: int(value.split()[0]) for key, value in (ln.split(":", 1) for ln in lines)}
+        return kib["Rss"] * 1024, (kib["Private_Clean"] + kib["Private_Dirty"]) * 1024
     except (OSError, KeyError, ValueError):
         return 0, 0
 
 
 def _send_epoch(conn, replica: int, peak: list[int], record: dict) -> None:
-    peak[0] = max(peak[0], memory()[1])  # at an epoch's end the training data is still held
+    now = memory()  # at an epoch's end the training data is still held
+    peak[:] = [max(p, n) for p, n in zip(peak, now)]
     conn.send(("epoch", replica, record))
 
 
-def _work(conn, parent: int, cfg: ModelConfig, path: str, name: str) -> None:
-    """A worker's life: get the data, then train each replica the parent sends, until None.
-    It starts with SIGINT ignored (see Replicas._start)."""
+def _work(conn, parent: int, cfg: ModelConfig, path: str, name: str, train_x: np.ndarray,
+          test_x: np.ndarray) -> None:
+    """A worker's life, in a fork of the stage: train each replica the parent sends, until
+    None. It starts with SIGINT ignored (see Replicas._start)."""
+    torch.set_num_threads(1)  # first: one thread never enters the pool the fork left broken
     _die_with(parent)
-    # tqdm's default lock holds a multiprocessing semaphore, which in a spawned process is
-    # named and registered: a worker killed mid-training would leave the resource tracker
-    # warning about it on stderr. A thread lock is all one process needs.
-    tqdm.set_lock(threading.RLock())
-    train_x, test_x = (torch.from_numpy(a) for a in conn.recv())
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the stage's cleanup: it has none here
+    gc.enable()  # Replicas._start froze what the stage holds and paused collection to fork
+    tqdm.set_lock(threading.RLock())  # the stage's may have been held at the fork
+    train, test = torch.from_numpy(train_x), torch.from_numpy(test_x)  # shared, not copied
     while (task := conn.recv()) is not None:
         replica, seed = task
-        own = [0]  # the most memory of its own this process held, sampled once per epoch
+        own = [0, 0]  # the most memory this process held, sampled once per epoch
         try:
             model, history = training.train_replica(
-                cfg, train_x, test_x, device=CPU, seed=seed, path=path, name=f"{name}-r{replica}",
+                cfg, train, test, device=CPU, seed=seed, path=path, name=f"{name}-r{replica}",
                 progress=False, on_epoch=functools.partial(_send_epoch, conn, replica, own))
         except Exception as err:  # noqa: BLE001 - every failure goes to the parent, named
             conn.send(("error", replica, isinstance(err, training.TrainingError),
@@ -180,7 +227,7 @@ def _work(conn, parent: int, cfg: ModelConfig, path: str, name: str) -> None:
             return
         buffer = io.BytesIO()
         torch.save(model.state_dict(), buffer)
-        conn.send(("done", replica, buffer.getvalue(), history, (memory()[0], own[0])))
+        conn.send(("done", replica, buffer.getvalue(), history, tuple(own)))
 
 
 # --------------------------------------------------------------------------- the parent side
@@ -226,15 +273,20 @@ class Replicas:
         if kind is None and self.peaks:
             resident, own = (max(p[i] for p in self.peaks) / 2**20 for i in (0, 1))
             print(f"{self.name}: {self.workers} workers, each at most {own:.0f} MiB of its own "
-                  f"memory ({resident:.0f} MiB resident with torch's shared libraries)",
+                  f"memory ({resident:.0f} MiB resident with what it shares with the stage)",
                   file=sys.stderr)
 
     def result(self, replica: int) -> tuple[torch.nn.Module, training.History]:
         if self.workers == 1:
-            return training.train_replica(
-                self.cfg, torch.from_numpy(self.train_x), torch.from_numpy(self.test_x),
-                device=self.device, seed=self.seeds[replica], path=self.path,
-                name=f"{self.name}-r{replica}")
+            try:
+                return training.train_replica(
+                    self.cfg, torch.from_numpy(self.train_x), torch.from_numpy(self.test_x),
+                    device=self.device, seed=self.seeds[replica], path=self.path,
+                    name=f"{self.name}-r{replica}")
+            except (MemoryError, RuntimeError) as err:
+                if short := out_of_memory(self.name, replica, type(err).__name__, str(err), 1):
+                    raise short from err
+                raise
         while replica not in self.done and self.failure is None:
             if not self.busy:  # nothing could ever bring it: fail rather than wait forever
                 raise ReplicaError(f"model {self.name}-r{replica}: no worker is training it")
@@ -250,29 +302,35 @@ class Replicas:
         raise Stopped(replica)
 
     def _start(self) -> None:
-        context = multiprocessing.get_context("spawn")
+        context = multiprocessing.get_context("fork")
         # Ctrl-C reaches the whole process group; this process decides what stops, and stops
-        # the workers. They are started with SIGINT ignored (that survives exec, so a Ctrl-C
-        # while they import prints no traceback); one in these milliseconds is lost.
+        # the workers. They are forked with SIGINT ignored.
         main = threading.current_thread() is threading.main_thread()
         before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        # The stage's objects into the permanent generation, and no collection while forking:
+        # a worker's collector would otherwise write to (and so copy) every page that holds
+        # one of them.
+        gc.disable()
+        gc.freeze()
         try:
             for w in range(self.workers):
                 here, there = context.Pipe()
                 proc = context.Process(target=_work, name=f"{self.name}-worker{w}", daemon=True,
-                                       args=(there, os.getpid(), self.cfg, self.path, self.name))
+                                       args=(there, os.getpid(), self.cfg, self.path, self.name,
+                                             self.train_x, self.test_x))
                 proc.start()
                 there.close()
                 self.procs.append(proc)
                 self.conns.append(here)
         finally:
+            gc.unfreeze()
+            gc.enable()
             if before is not None:
                 signal.signal(signal.SIGINT, before)
         epochs = self.cfg.epochs * len(self.seeds)
         self.bar = tqdm(total=epochs, desc=f"train {self.name} ({self.workers} workers)",
                         unit="epoch", dynamic_ncols=True)
-        for w in range(self.workers):  # after every start, so that the workers import at once
-            self._send(w, (self.train_x, self.test_x))
+        for w in range(self.workers):
             self._assign(w)
 
     def _send(self, worker: int, message) -> None:
@@ -331,7 +389,8 @@ class Replicas:
             self.busy.pop(worker, None)
             # TrainingError already names the model and replica; anything else gets them here
             err = (training.TrainingError(message) if training_error
-                   else ReplicaError(f"model {self.name}-r{replica}: {kind_name}: {message}"))
+                   else out_of_memory(self.name, replica, kind_name, message, self.workers)
+                   or ReplicaError(f"model {self.name}-r{replica}: {kind_name}: {message}"))
             err.add_note(f"in worker process {self.procs[worker].pid}:\n{trace}")
             self._fail(replica, err)
 

@@ -41,13 +41,17 @@ OUT = ROOT / "benchmarks" / "results" / "workers-cpu.json"
 MIB = 2**20
 
 
-def run_stage(scratch: Path, csv_dir: Path, name: str, n_workers: int
-              ) -> tuple[float, float, Path]:
+def run_stage(scratch: Path, csv_dir: Path, name: str, n_workers: int, epochs: int | None,
+              limit: int | None) -> tuple[float, float, Path]:
     """One `python -m stages.train` in its own folder of `scratch`, recording into the MLflow
     store `scratch`/mlflow.db; (seconds, CPU seconds of the stage and its workers, folder)."""
     folder = Path(tempfile.mkdtemp(dir=scratch, prefix=f"w{n_workers}-"))
     params = config.load_params(ROOT / "params.yaml")
     params["train"]["workers"] = n_workers
+    if epochs:
+        params["models"][name]["epochs"] = epochs
+    if limit:
+        params["train"]["limit"] = limit
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": store_uri(scratch)}
     cmd = [sys.executable, "-m", "stages.train", name, str(csv_dir.resolve()),
@@ -73,11 +77,15 @@ def same_outputs(a: Path, b: Path, name: str) -> bool:
     return all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
 
 
-def ab(csv_dir: Path, name: str, rounds: int) -> dict:
-    cfg = kinds.read_model(config.load_params(ROOT / "params.yaml"), name)
-    replicas = cfg.replicas or config.section(config.load_params(ROOT / "params.yaml"), "train",
-                                              config.Train).replicas
-    auto = workers.count(0, replicas, torch.device("cpu"))
+def ab(csv_dir: Path, name: str, rounds: int, epochs: int | None, limit: int | None,
+       other: int) -> dict:
+    """train.workers 1 against `other` (0: auto) for model `name`, at its own size or at
+    `epochs` epochs on the first `limit` training images."""
+    params = config.load_params(ROOT / "params.yaml")
+    cfg = kinds.read_model(params, name)
+    epochs = epochs or cfg.epochs
+    replicas = cfg.replicas or config.section(params, "train", config.Train).replicas
+    auto = workers.count(other, replicas, torch.device("cpu"), epochs * (limit or 60_000))
     runs, first = [], None
     with tempfile.TemporaryDirectory(prefix="aebench-workers-") as scratch:
         # One store for every run, created first, as a working copy has it (creating one
@@ -85,12 +93,13 @@ def ab(csv_dir: Path, name: str, rounds: int) -> dict:
         os.environ["MLFLOW_TRACKING_URI"] = store_uri(Path(scratch))
         tracking.open_store()
         for i in range(rounds):
-            for n in ((1, 0) if i % 2 == 0 else (0, 1)):
+            for n in ((1, other) if i % 2 == 0 else (other, 1)):
                 load = os.getloadavg()[0]
-                seconds, cpu, folder = run_stage(Path(scratch), csv_dir, name, n)
+                seconds, cpu, folder = run_stage(Path(scratch), csv_dir, name, n, epochs, limit)
                 same = True if first is None else same_outputs(first, folder, name)
                 first = first or folder
-                runs.append({"workers": n or f"auto ({auto})", "seconds": seconds,
+                runs.append({"workers": n if n == 1 else f"{n or 'auto'} ({auto})",
+                             "seconds": seconds,
                              "cpu_seconds": cpu, "load1_before": load,
                              "load1_after": os.getloadavg()[0], "same_bytes_as_first": same})
                 print(f"train@{name} workers {runs[-1]['workers']}: {seconds:6.1f} s, "
@@ -98,10 +107,12 @@ def ab(csv_dir: Path, name: str, rounds: int) -> dict:
                       f"same bytes: {same}", flush=True)
     one = statistics.median(r["seconds"] for r in runs if r["workers"] == 1)
     many = statistics.median(r["seconds"] for r in runs if r["workers"] != 1)
-    print(f"median: workers 1 {one:.1f} s, auto ({auto}) {many:.1f} s: ratio {many / one:.2f}")
-    return {"model": name, "replicas": replicas, "epochs": cfg.epochs, "auto_workers": auto,
-            "runs": runs, "median_seconds_workers_1": one, "median_seconds_auto": many,
-            "ratio_auto_over_1": many / one}
+    print(f"median: workers 1 {one:.1f} s, {other or 'auto'} ({auto}) {many:.1f} s: ratio "
+          f"{many / one:.2f}")
+    return {"model": name, "replicas": replicas, "epochs": epochs, "limit": limit or 0,
+            "asked": other, "workers": auto,
+            "runs": runs, "median_seconds_workers_1": one, "median_seconds_b": many,
+            "ratio_b_over_1": many / one}
 
 
 def memory(csv_dir: Path, names: list[str], epochs: int) -> list[dict]:
@@ -128,7 +139,10 @@ def main(argv=None) -> None:
     ap.add_argument("csv_dir", type=Path)
     ap.add_argument("what", choices=("ab", "memory"))
     ap.add_argument("--model", default="under30", help="ab: the model whose stage is run")
-    ap.add_argument("--rounds", type=int, default=2, help="ab: rounds of (1, auto) pairs")
+    ap.add_argument("--rounds", type=int, default=2, help="ab: rounds of (1, B) pairs")
+    ap.add_argument("--workers", type=int, default=0, help="ab: B's train.workers (0: auto)")
+    ap.add_argument("--limit", type=int, default=0, help="ab: train.limit (0: all images)")
+    ap.add_argument("--ab-epochs", type=int, default=0, help="ab: the model's epochs")
     ap.add_argument("--models", default="", help="memory: comma-separated (default: all)")
     ap.add_argument("--epochs", type=int, default=1, help="memory: epochs per replica")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -138,8 +152,8 @@ def main(argv=None) -> None:
                    "usable_cores": workers.usable_cores(), "torch": torch.__version__})
     if args.what == "ab":
         # every invocation's runs are kept: on a shared machine one alone says little
-        result["ab"] = [*result.get("ab", []), {"when": time.strftime("%Y-%m-%d %H:%M"),
-                                                **ab(args.csv_dir, args.model, args.rounds)}]
+        run = ab(args.csv_dir, args.model, args.rounds, args.ab_epochs, args.limit, args.workers)
+        result["ab"] = [*result.get("ab", []), {"when": time.strftime("%Y-%m-%d %H:%M"), **run}]
     else:
         names = args.models.split(",") if args.models else list(
             config.load_params(ROOT / "params.yaml")["models"])

@@ -28,7 +28,7 @@ def main(args) -> None:
             from None
     _, test_x = data.read_mnist_csv(test_csv)
     seeds = [train.seed + r for r in range(cfg.replicas or train.replicas)]
-    n_workers = workers.count(train.workers, len(seeds), device)
+    n_workers = workers.count(train.workers, len(seeds), device, cfg.epochs * len(train_x))
     print(f"train@{args.name}: {len(seeds)} replica(s) on {len(train_x)} images, device "
           f"{device}, {n_workers} worker process(es)", file=sys.stderr)
     if warning := training.batch_warning(args.name, cfg.batch_size, len(train_x), train.limit):

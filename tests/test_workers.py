@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -23,17 +24,19 @@ from aebench.kinds import ModelConfig
 from aebench.losses import source_loss
 
 CPU = torch.device("cpu")
+OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+       "memory: you tried to allocate 188160000 bytes. Error code 12 (Cannot allocate memory)")
 LONG = MAX_EPOCHS  # a replica that trains until it is stopped (minutes on 64 images)
 
 
 class FlakyConfig(ModelConfig):
     """A toy kind whose replica trained from seed `fail_seed` fails at its first step: a NaN
-    loss, an exception, or a SIGKILL (what the kernel's OOM killer sends). Workers unpickle it
-    from this module (spawn passes them the test's sys.path)."""
+    loss, an exception, torch's allocator out of memory, or a SIGKILL (what the kernel's OOM
+    killer sends)."""
 
     kind: Literal["flaky"]
     fail_seed: int
-    how: Literal["nan", "raise", "sigkill"]
+    how: Literal["nan", "raise", "oom", "sigkill"]
 
     def build(self) -> ToyAutoencoder:
         return ToyAutoencoder(4)
@@ -45,6 +48,8 @@ class FlakyConfig(ModelConfig):
                 return loss * float("nan")
             if self.how == "raise":
                 raise RuntimeError("flaky: out of luck")
+            if self.how == "oom":  # what torch's CPU allocator raises
+                raise RuntimeError(OOM)
             os.kill(os.getpid(), signal.SIGKILL)
         return loss
 
@@ -84,6 +89,20 @@ def test_auto_is_one_per_usable_core_and_never_more_than_replicas(monkeypatch):
     assert workers.count(1, 3, CPU) == 1
     for device in ("cuda", "mps"):  # replicas stay in one process on an accelerator
         assert workers.count(0, 3, torch.device(device)) == 1
+
+
+def test_auto_trains_small_replicas_in_this_process(monkeypatch):
+    monkeypatch.setattr(workers, "usable_cores", lambda: 8)
+    monkeypatch.setattr(workers, "available_memory", lambda: None)
+    assert workers.count(0, 3, CPU, workers.MIN_SAMPLES - 1) == 1
+    assert workers.count(0, 3, CPU, workers.MIN_SAMPLES) == 3
+    assert workers.count(2, 3, CPU, 10) == 2  # asked for by number: the user's call
+
+
+def test_a_process_that_has_started_cuda_forks_no_worker(monkeypatch):
+    monkeypatch.setattr(workers, "usable_cores", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert workers.count(0, 3, CPU) == 1 and workers.count(3, 3, CPU) == 1
 
 
 @pytest.mark.parametrize("room, expect", [(None, 3), (0, 1), (2 * workers.WORKER_MEMORY, 2)])
@@ -173,6 +192,60 @@ def test_workers_give_the_bytes_and_histories_of_one_after_another(entry):
     assert checkpoint_bytes(results[2][0][0]) != checkpoint_bytes(results[2][1][0])  # 2 seeds
 
 
+def test_a_worker_is_a_fork_on_one_thread_without_cuda_and_sharing_the_images(monkeypatch):
+    parent, real = os.getpid(), training.train_replica
+    train_x = images(64)
+
+    def spy(cfg, train, test, **kw):  # a fork runs the parent's monkeypatched module
+        model, history = real(cfg, train, test, **kw)
+        history.path = {"pid": os.getpid(), "cuda": torch.cuda.is_initialized(),
+                        "threads": torch.get_num_threads(),
+                        "shared": train.numpy().ctypes.data == train_x.ctypes.data}
+        return model, history
+
+    monkeypatch.setattr(training, "train_replica", spy)
+    cfg = kinds.validate_model("m", {**MLP, "batch_size": 16, "epochs": 1})
+    with workers.Replicas(cfg, train_x, images(16, 1), name="m", seeds=[0, 1], device=CPU,
+                          path="fast", workers=2) as pool:
+        seen = [pool.result(r)[1].path for r in range(2)]
+    assert {s["pid"] for s in seen} - {parent} == {s["pid"] for s in seen}  # not this one
+    assert [(s["cuda"], s["threads"], s["shared"]) for s in seen] == [(False, 1, True)] * 2
+
+
+# A parent whose intra-op pool (GNU OpenMP) has run, then workers whose replicas run a
+# parallel operation before training (as a big model's initialisation may): a worker that
+# kept two threads would hang in it for ever (tried: it does).
+POOL = """
+import os, sys, torch
+from aebench import kinds, training, workers
+from test_workers import MLP, checkpoint_bytes, images
+torch.set_num_threads(2)
+x = torch.rand(1500, 1500)
+(x @ x).relu_().sum()
+assert len(os.listdir("/proc/self/task")) > 1  # the pool's threads exist
+real = training.train_replica
+def parallel_first(*args, **kw):
+    torch.rand(1500, 1500).relu_().sum()
+    return real(*args, **kw)
+training.train_replica = parallel_first
+cfg = kinds.validate_model("m", {**MLP, "batch_size": 16, "epochs": 1})
+out = {}
+for n in (2, 1):
+    with workers.Replicas(cfg, images(64), images(16, 1), name="m", seeds=[0, 1],
+                          device=torch.device("cpu"), path="fast", workers=n) as pool:
+        out[n] = [checkpoint_bytes(pool.result(r)[0]) for r in range(2)]
+print("same" if out[1] == out[2] else "differ")
+"""
+
+
+def test_workers_forked_after_the_thread_pool_ran_neither_hang_nor_change_the_bytes():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(Path(__file__).parent)])}
+    done = subprocess.run([sys.executable, "-c", POOL], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "same"
+
+
 # --------------------------------------------------------------------------- faults
 
 
@@ -193,6 +266,27 @@ def test_a_failing_worker_is_named_and_stops_the_others(how, expect):
     assert "\n" not in str(err.value)  # one line; the worker's traceback is a note
     assert pool.next == 2  # replica 2 never started
     assert not any(alive(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("n_workers, cure", [(2, "a smaller train.workers than 2"),
+                                              (1, "a smaller train.limit")])
+def test_out_of_memory_names_the_replica_the_size_and_what_to_lower(n_workers, cure):
+    with pytest.raises(workers.ReplicaError) as err, replicas(flaky("oom", 1, 1), 2, n_workers) \
+            as pool:
+        with contextlib.suppress(workers.Stopped):  # r0 may be stopped before it is done
+            pool.result(0)
+        pool.result(1)
+    assert str(err.value).startswith("model m-r1: out of memory: could not allocate 179.4 MiB "
+                                     f"more; try {cure}")
+
+
+def test_out_of_memory_reads_numpy_and_bare_memory_errors_and_nothing_else():
+    numpy = "Unable to allocate 44.9 MiB for an array with shape (784, 60000)"
+    assert "could not allocate 44.9 MiB more" in str(
+        workers.out_of_memory("m", 0, "MemoryError", numpy, 2))
+    assert "could not allocate memory more" in str(workers.out_of_memory("m", 0, "MemoryError",
+                                                                        "", 2))
+    assert workers.out_of_memory("m", 0, "RuntimeError", "flaky: out of luck", 2) is None
 
 
 def test_the_replica_waited_for_failing_stops_the_others():
