@@ -108,47 +108,80 @@ def _log_floor(values: Sequence[float | None]) -> float:
     return float(10 ** np.floor(np.log10(min(positive) / 2))) if positive else 1e-4
 
 
+def _mse_text(value: float, std: float | None = None) -> str:
+    """An MSE with 3 significant digits (0.000902, 0.0308: the digits that tell the models
+    apart), and its std with 1."""
+    return f"{value:.3g}" + (f" ± {std:.1g}" if std else "")
+
+
+def bar_labels(results: Mapping[str, Mapping]) -> dict[str, dict[str, str]]:
+    """The models of mse_bars best (lowest test MSE) first, each with the texts beside its bars:
+    "mse" (mean ± std, then "best" or how many times the best, and how many times PCA's),
+    "denoise" (where the model has one) and "pca" ("exact" where PCA's MSE is ~0)."""
+    order = sorted(results, key=lambda n: results[n]["mse"])
+    best = results[order[0]]["mse"] if order else 0.0
+    labels = {}
+    for name in order:
+        r = results[name]
+        mse, pca = r["mse"], r.get("pca_mse")
+        parts = [_mse_text(mse, r.get("mse_std")),
+                 ("best" if len(order) > 1 else "") if name == order[0] else
+                 f"{mse / best:.3g}× the best" if best > 0 else ""]
+        if pca is not None and pca > EXACT_MSE:
+            ratio = mse / pca  # 83×, 0.6×, 1,299× (not 1.3e+03×)
+            parts.append(f"{ratio:,.0f}× PCA" if ratio >= 100 else f"{ratio:.2g}× PCA")
+        text = {"mse": "  ·  ".join(filter(None, parts))}
+        if r.get("denoise_mse") is not None:
+            text["denoise"] = (f"{_mse_text(r['denoise_mse'], r.get('denoise_mse_std'))}  "
+                               "on noisy inputs")
+        if pca is not None:
+            text["pca"] = ("PCA exact: 0 (k ≥ 784)" if pca <= EXACT_MSE
+                           else f"PCA {_mse_text(pca)}")
+        labels[name] = text
+    return labels
+
+
 def mse_bars(results: Mapping[str, Mapping], path: str | Path, *,
-                  reference: Mapping | None = REFERENCE) -> Path:
-    """Grouped bars (log y), one group per model: test MSE, the MSE on noisy inputs (denoising
-    models), and PCA at the model's latent size (capped at 784). `results[name]` has "mse",
+             reference: Mapping | None = REFERENCE) -> Path:
+    """Horizontal bars (log x), one group per model, best (lowest test MSE) at the top: test
+    MSE, the MSE on noisy inputs (denoising models), and PCA at the model's latent size (capped
+    at 784), each with its value beside it (bar_labels). `results[name]` has "mse",
     "latent_dim", "pca_mse" (None if unknown) and optionally "denoise_mse", and "mse_std" /
     "denoise_mse_std" drawn as error bars (+- one standard deviation over replicas). A PCA MSE
-    of ~0 (784 components reconstruct exactly) is drawn as a stub marked "0 (exact)"."""
-    names = list(results)
-    colors = model_colors(names)
+    of ~0 (784 components reconstruct exactly) has no bar, only the words "PCA exact"."""
+    colors = model_colors(list(results))  # by params.yaml's order, as in every figure
+    labels = bar_labels(results)
+    names = list(labels)
     values = [v for r in results.values() for v in (r["mse"], r.get("pca_mse"),
                                                     r.get("denoise_mse"))]
     floor = _log_floor(values + ([reference["mse"]] if reference else []))
-    fig = new_figure(max(8.0, 1.3 * len(names) + 2.5), 6.0, layout="constrained")
+    fig = new_figure(12.0, 1.5 + 0.85 * max(len(names), 2), layout="constrained")
     ax = fig.subplots()
-    width = 0.27
+    height = 0.26
 
-    def bar(x, value, std=None, **kw):
-        if value is None:
+    def bar(y, value, std, text, **kw):
+        if value <= EXACT_MSE:  # exact: no bar to draw, the words at the axis
+            ax.text(floor * 1.15, y, text, ha="left", va="center", fontsize=8, color="0.3")
             return
-        lossless = value <= EXACT_MSE
-        height = floor * 1.5 if lossless else value
-        ax.bar(x, height - floor, bottom=floor, width=width, **kw)
-        text = "0 (exact)" if lossless else f"{value:.2g}" if value < 1e-3 else f"{value:.4f}"
-        top = height
+        ax.barh(y, value - floor, left=floor, height=height, **kw)
         if std:  # +- one standard deviation over replicas
-            ax.errorbar(x, value, yerr=[[min(std, value - floor)], [std]], fmt="none",
+            ax.errorbar(value, y, xerr=[[min(std, value - floor)], [std]], fmt="none",
                         ecolor="black", elinewidth=1, capsize=3)
-            text += f" ± {std:.1g}"
-            top = value + std
-        ax.text(x, top * 1.1, text, ha="center", va="bottom", fontsize=7, rotation=90)
+        ax.text((value + (std or 0)) * 1.12, y, text, ha="left", va="center", fontsize=8)
 
     for i, name in enumerate(names):
-        r = results[name]
-        noisy = r.get("denoise_mse")
-        offsets = (-width, 0, width) if noisy is not None else (-width / 2, None, width / 2)
-        bar(i + offsets[0], r["mse"], r.get("mse_std"), color=colors[name], edgecolor="black",
-            lw=0.6)
-        if noisy is not None:
-            bar(i + offsets[1], noisy, r.get("denoise_mse_std"), color=colors[name],
-                edgecolor="black", lw=0.6, hatch="xxx", alpha=0.55)
-        bar(i + offsets[2], r.get("pca_mse"), color="0.85", edgecolor="0.35", lw=0.6, hatch="//")
+        r, text = results[name], labels[name]
+        rows = [(r["mse"], r.get("mse_std"), text["mse"],
+                 {"color": colors[name], "edgecolor": "black", "lw": 0.6})]
+        if "denoise" in text:
+            rows.append((r["denoise_mse"], r.get("denoise_mse_std"), text["denoise"],
+                         {"color": colors[name], "edgecolor": "black", "lw": 0.6,
+                          "hatch": "xxx", "alpha": 0.55}))
+        if "pca" in text:
+            rows.append((r["pca_mse"], None, text["pca"],
+                         {"color": "0.85", "edgecolor": "0.35", "lw": 0.6, "hatch": "//"}))
+        for j, (value, std, label, style) in enumerate(rows):
+            bar(i + (j - (len(rows) - 1) / 2) * height, value, std, label, **style)
     handles = [Patch(facecolor="0.45", edgecolor="black", label="autoencoder: test MSE"),
                Patch(facecolor="0.85", edgecolor="0.35", hatch="//",
                      label="PCA, as many components as the latent size (max 784)")]
@@ -156,20 +189,20 @@ def mse_bars(results: Mapping[str, Mapping], path: str | Path, *,
         handles.insert(1, Patch(facecolor="0.45", edgecolor="black", alpha=0.55, hatch="xxx",
                                 label="denoising model: MSE on noisy test inputs vs clean ones"))
     if reference:
-        ax.axhline(reference["mse"], color="crimson", ls="--", lw=1.2)
+        ax.axvline(reference["mse"], color="crimson", ls="--", lw=1.2)
         handles.append(Line2D([], [], color="crimson", ls="--", label=_ref_label(reference)))
-    ax.set_yscale("log")
-    # Room above the tallest bar (and its error bar) for its rotated label: ~1.5 decades.
+    ax.set_xscale("log")
+    # Room right of the longest bar (and its error bar) for its label: ~1.8 decades.
     tops = [r["mse"] + (r.get("mse_std") or 0) for r in results.values()]
-    ax.set_ylim(floor, max([v for v in values if v is not None] + tops) * 40)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([f"{n}\nlatent {results[n]['latent_dim']}" for n in names], fontsize=9)
-    pad = max(0.0, (3 - len(names)) / 2)  # one or two groups: narrower bars, centred
-    ax.set_xlim(-0.6 - pad, len(names) - 0.4 + pad)
-    ax.set_ylabel("MSE per pixel on [0,1] (log scale)")
-    ax.set_title("Test MSE of each model beside PCA with the same number of components",
-                 fontsize=12, weight="bold")
-    ax.grid(True, axis="y", which="major", alpha=0.35)
+    ax.set_xlim(floor, max([v for v in values if v is not None] + tops) * 60)
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels([f"{n}\nlatent {results[n]['latent_dim']}" for n in names], fontsize=9)
+    pad = max(0.0, (3 - len(names)) / 2)  # one or two groups: thinner rows, centred
+    ax.set_ylim(len(names) - 0.5 + pad, -0.5 - pad)  # the best at the top
+    ax.set_xlabel("MSE per pixel on [0,1] (log scale); mean ± std over replicas")
+    ax.set_title("Test MSE of each model, best first, beside PCA with the same number of "
+                 "components", fontsize=12, weight="bold")
+    ax.grid(True, axis="x", which="major", alpha=0.35)
     fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncol=2, frameon=False)
     return save_png(fig, path)
 

@@ -236,7 +236,7 @@ def next_steps(folder: Path, idle_s: float | None = None) -> str:
         "next:",
         "  make ui      the MLflow UI on this run's store, http://127.0.0.1:5000 (it prints the "
         "address of the view \"Models, best first\"; PORT=... for another port)",
-        f"  figures      {shown / 'plots' / 'figures'}/ (test_mse.png: every model beside PCA)",
+        f"  figures      {shown / 'plots' / 'figures'}/ (test_mse.png: the models, best first)",
         f"  plots page   cd {shown} && dvc plots show   ({shown / 'dvc_plots' / 'index.html'}; "
         "`make plots` here draws the committed run's)",
         server,

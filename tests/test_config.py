@@ -100,6 +100,23 @@ def test_model_name_that_cannot_be_a_folder_or_stage_is_refused(params, name):
     assert f"params.yaml: models: {name!r} is not allowed as a model name" in str(err.value)
 
 
+def test_model_names_that_differ_only_in_case_are_refused(params):
+    """deep3 and Deep3 are one folder on macOS and Windows: every stage that reads `models:`
+    refuses them, the one-model stages (train@NAME) included, whichever of the two they train."""
+    models = {**params["models"], "Deep3": params["models"]["deep3"]}
+    clash = ("params.yaml: models: 'deep3' and 'Deep3' differ only in case: on a "
+             "case-insensitive file system (macOS, Windows) they are one folder; rename one")
+    for read in (lambda: kinds.read_models({"models": models}),
+                 lambda: kinds.read_model({"models": models}, "deep3"),
+                 lambda: kinds.read_model({"models": models}, "Deep3")):
+        with pytest.raises(ConfigError) as err:
+            read()
+        assert str(err.value) == clash
+    # A stage for another model is not stopped by a clash that is not its own.
+    assert kinds.read_model({"models": models}, "conv16").kind == "conv"
+    kinds.read_models({"models": {**params["models"], "deep3b": params["models"]["deep3"]}})
+
+
 @pytest.mark.parametrize("key", ["loss", "optimizer", "epochs", "kind"])
 def test_missing_key_is_named(params, key):
     cfg = copy.deepcopy(params["models"]["under30"])

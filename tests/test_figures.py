@@ -222,6 +222,27 @@ def test_error_bars_and_bands_with_a_single_replica(inputs, tmp_path):
         check_png(tmp_path / name)
 
 
+def test_the_bars_are_best_first_with_values_a_reader_can_tell_apart():
+    results = {"deep3": {"mse": 0.030763, "mse_std": 0.000279, "latent_dim": 3,
+                         "pca_mse": 0.051609},
+               "over500": {"mse": 0.004081, "mse_std": 7e-05, "latent_dim": 500,
+                           "pca_mse": 4.94e-05, "denoise_mse": 0.00997},
+               "conv16": {"mse": 0.000902, "mse_std": 0.000185, "latent_dim": 2304,
+                          "pca_mse": 1e-12}}
+    labels = charts.bar_labels(results)
+    assert list(labels) == ["conv16", "over500", "deep3"]  # best first
+    assert labels["conv16"] == {"mse": "0.000902 ± 0.0002  ·  best",
+                                "pca": "PCA exact: 0 (k ≥ 784)"}  # no sliver at 1e-5
+    assert labels["over500"]["mse"] == "0.00408 ± 7e-05  ·  4.52× the best  ·  83× PCA"
+    assert labels["over500"]["denoise"] == "0.00997  on noisy inputs"
+    assert labels["deep3"] == {"mse": "0.0308 ± 0.0003  ·  34.1× the best  ·  0.6× PCA",
+                               "pca": "PCA 0.0516"}
+    assert charts.bar_labels({"deep3": results["deep3"]})["deep3"]["mse"] == \
+        "0.0308 ± 0.0003  ·  0.6× PCA"
+    far = {"over500": {**results["over500"], "mse": 0.0642, "mse_std": 0.0}}
+    assert charts.bar_labels(far)["over500"]["mse"] == "0.0642  ·  1,300× PCA"
+
+
 def test_a_figure_with_nothing_to_show_says_so(inputs, tmp_path):
     # No model trained on noisy inputs; no mlp (no pixel weights to show) and no deep3.
     clean, conv = only(inputs, ["deep3"]), only(inputs, ["convnoisy"])

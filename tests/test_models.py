@@ -2,6 +2,10 @@
 checkpoints."""
 
 import copy
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,3 +186,49 @@ def test_load_replicas_reads_every_replica_and_names_a_model_never_trained(tmp_p
         load_replicas(tmp_path, "under30", cfg, 3)
     with pytest.raises(FileNotFoundError, match=r"deep3: missing; model 'deep3' has not been"):
         load_replicas(tmp_path, "deep3", CFGS["deep3"], 1)
+
+
+
+# A fresh process builds conv16 and runs one batch; oneDNN (ONEDNN_VERBOSE=1) names the ISA it
+# dispatches to. An optional argument is set as ONEDNN_MAX_CPU_ISA after the imports.
+ONEDNN_RUN = """
+import os, sys, torch
+from aebench import kinds
+from aebench.config import load_params
+if len(sys.argv) > 2:
+    os.environ["ONEDNN_MAX_CPU_ISA"] = sys.argv[2]
+print("cap", os.environ.get("ONEDNN_MAX_CPU_ISA"), flush=True)
+with torch.no_grad():
+    kinds.read_model(load_params(sys.argv[1]), "conv16").make()(torch.zeros(8, 784))
+"""
+
+
+def onednn_isa(*args: str, **env: str) -> tuple[str, str | None]:
+    """(the cap left in the process's environment, the ISA oneDNN says it uses, None if it
+    printed none: torch without oneDNN)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ONEDNN_", "DNNL_"))}
+    proc = subprocess.run([sys.executable, "-c", ONEDNN_RUN, str(ROOT / "params.yaml"), *args],
+                          env={**base, "ONEDNN_VERBOSE": "1", **env}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=True)
+    lines = proc.stdout.splitlines()
+    cap = next(line.split()[1] for line in lines if line.startswith("cap "))
+    isa = [line.rsplit(",isa:", 1)[1] for line in lines if ",isa:" in line]
+    return cap, isa[0] if isa else None
+
+
+AT_MOST_AVX2 = {"Intel SSE4.1", "Intel AVX", "Intel AVX2"}
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="ONEDNN_MAX_CPU_ISA's values are x86-64's")
+def test_convolutions_use_at_most_avx2_unless_the_user_says_otherwise():
+    """The same bytes on AVX2 and AVX-512 nodes (conv16 differed in the 8th digit): aebench caps
+    oneDNN at AVX2 by default; a user's ONEDNN_MAX_CPU_ISA wins (ALL: native kernels). oneDNN
+    reads the variable at its first primitive, after aebench's imports: a value set then rules."""
+    cap, isa = onednn_isa()
+    if isa is None:
+        pytest.skip("this torch's oneDNN prints no verbose lines (built without it?)")
+    assert cap == "AVX2" and isa in AT_MOST_AVX2
+    assert onednn_isa(ONEDNN_MAX_CPU_ISA="SSE41") == ("SSE41", "Intel SSE4.1")
+    assert onednn_isa("SSE41") == ("SSE41", "Intel SSE4.1")  # set after import: in time
+    assert onednn_isa(ONEDNN_MAX_CPU_ISA="ALL")[0] == "ALL"

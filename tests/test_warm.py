@@ -61,6 +61,15 @@ if __name__ == "__main__":
     cli.run(main, USAGE, __doc__)
 '''
 
+# A stage whose imports set a default in the environment, as aebench.kinds sets oneDNN's ISA cap.
+IMPORTS = '''import json, os, sys
+from pathlib import Path
+from aebench import kinds  # noqa: F401 - sets ONEDNN_MAX_CPU_ISA unless the caller has
+
+if __name__ == "__main__":
+    Path(sys.argv[1]).write_text(json.dumps([os.environ.get("ONEDNN_MAX_CPU_ISA"), os.getppid()]))
+'''
+
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Iterator[Path]:
@@ -222,12 +231,27 @@ def test_a_stage_run_from_a_subfolder_says_run_from_the_project_root(toy, warm_o
            "(the folder with dvc.yaml)\n")
 
 
+def test_what_a_stages_imports_set_in_the_environment_a_warm_stage_has_too(toy, tmp_path):
+    """The server imported aebench.kinds before the fork, and the forked stage takes its
+    command's environment: the default the import set (oneDNN's AVX2 cap: the same bytes on any
+    node) must survive that, and a value the command sets must win, as in a cold stage."""
+    out = tmp_path / "seen.json"
+    for extra, cap in (({}, "AVX2"), ({"ONEDNN_MAX_CPU_ISA": "ALL"}, "ALL")):
+        assert run(toy, "--start", warm_on=True, **extra).returncode == 0  # its own server
+        for on in (False, True):
+            proc = run(toy, "stages.imports", str(out), warm_on=on, **extra)
+            assert proc.returncode == 0, proc.stderr
+            seen, parent = json.loads(out.read_text())
+            assert (seen, parent in servers().values()) == (cap, on)
+
+
 def toy_root(root: Path) -> Path:
     """A project: stages/toy.py, and .dvc/ (where the servers' private folder goes)."""
     (root / "stages").mkdir(parents=True)
     (root / ".dvc").mkdir()
     (root / "stages" / "__init__.py").write_text("")
     (root / "stages" / "toy.py").write_text(TOY)
+    (root / "stages" / "imports.py").write_text(IMPORTS)
     return root
 
 

@@ -77,7 +77,25 @@ def validate_model(name: str, entry: Any, source: str | Path = PARAMS) -> ModelC
 def validate_models(models: Any, source: str | Path = PARAMS) -> dict[str, ModelConfig]:
     if not isinstance(models, dict) or not models:
         raise ConfigError(f"{source}: models: expected a non-empty mapping of name to settings")
-    return {name: validate_model(name, entry, source) for name, entry in models.items()}
+    cfgs = {name: validate_model(name, entry, source) for name, entry in models.items()}
+    check_case(models, source)
+    return cfgs
+
+
+def check_case(names: Any, source: str | Path = PARAMS, name: str | None = None) -> None:
+    """Refuse two model names that differ only in case (`deep3`, `Deep3`): each names a folder
+    and files (data/models/NAME, plots/curves/NAME.csv), and on a case-insensitive file system
+    (macOS's and Windows's defaults) the two are one, which both train stages overwrite. With
+    `name`, only a clash that involves that name (a stage for one model)."""
+    seen: dict[str, str] = {}
+    for other in names:
+        if not isinstance(other, str):
+            continue
+        first = seen.setdefault(other.casefold(), other)
+        if first != other and name in (None, first, other):
+            raise ConfigError(f"{source}: models: {first!r} and {other!r} differ only in case: "
+                              "on a case-insensitive file system (macOS, Windows) they are one "
+                              "folder; rename one")
 
 
 
@@ -93,4 +111,6 @@ def read_model(params: dict, name: str, source: str | Path = PARAMS) -> ModelCon
     if not isinstance(models, dict) or name not in models:
         known = ", ".join(models) if isinstance(models, dict) else "none"
         raise ConfigError(f"{source}: models.{name}: missing; models in {source}: {known}")
-    return validate_model(name, models[name], source)
+    cfg = validate_model(name, models[name], source)
+    check_case(models, source, name)
+    return cfg

@@ -6,6 +6,7 @@ A kind subclasses `ModelConfig` with `kind: Literal["<name>"]`, its own keys, an
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -14,6 +15,17 @@ from torch import nn
 
 from ..config import MAX_EPOCHS, MAX_REPLICAS, Section
 from ..losses import source_loss
+
+# The same bytes on any x86-64 worker: oneDNN (torch's CPU convolutions) picks its kernels by the
+# CPU's widest instructions, and AVX-512 kernels add in another order than AVX2 ones: conv16's
+# epoch-1 test MSE was 0.00866236 on an AVX-512 machine against 0.00866235 on AVX2 (the MLPs
+# matched without a cap); capped at AVX2 the AVX-512 machine gave the AVX2 bytes.
+# oneDNN reads the variable at its first primitive, so setting it at import, before any model of
+# the process is built, is in time (tests/test_models.py checks it). Every process that builds a
+# model imports this module, MLflow's loading of a logged model included. Native kernels, for
+# speed on AVX-512 and results that depend on the node: ONEDNN_MAX_CPU_ISA=ALL (the user's value
+# wins); docs/reproducibility.md. The warm server hands this on to the stages it forks.
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
 Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid"]
 OptionalActivation = Literal["none", "relu", "leaky_relu", "tanh", "sigmoid"]

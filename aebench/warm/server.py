@@ -89,8 +89,12 @@ def serve(key: str, cold: int | None = None) -> tuple[socket.socket, dict, list[
 def loop(listener: socket.socket, name: str, identity: tuple[int, ...], folder: str,
          folders: list, version: str, idle: float, cold: int | None
          ) -> tuple[socket.socket, dict, list[int]] | None:
-    before = inherited()
+    before, env = inherited(), dict(os.environ)
     preload()
+    # What the imports set in the environment (aebench.kinds: ONEDNN_MAX_CPU_ISA=AVX2 unless
+    # set), as they would in a cold stage: a forked stage takes its command's environment, and
+    # has these imports done already.
+    imported = {k: v for k, v in os.environ.items() if env.get(k) != v}
     if inherited() != before:  # the imports changed a limit its forks would inherit: they
         return None  # would not run under their commands' limits, so serve none
     with contextlib.suppress(OSError, Unsafe):  # ready: at most one server per folder, the
@@ -184,7 +188,7 @@ def loop(listener: socket.socket, name: str, identity: tuple[int, ...], folder: 
                     os.close(pidfd)
                     if other is not None:
                         other.close()
-                return conn, request, fds
+                return conn, {**request, "env": {**request["env"], **imported}}, fds
             for fd in fds:
                 os.close(fd)
             watch(pid, conn)
