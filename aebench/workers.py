@@ -22,6 +22,7 @@ it even when it is SIGKILLed (PR_SET_PDEATHSIG on Linux).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import gc
@@ -35,6 +36,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -82,14 +84,16 @@ def out_of_memory(name: str, replica: int, kind: str, message: str, workers: int
 # --------------------------------------------------------------------------- how many workers
 
 
-# The most one worker held at its peak, resident with torch's shared libraries (conv16 on the
-# full data; benchmarks/workers.py memory): auto starts no more workers than memory has room for.
-WORKER_MEMORY = 1536 * 2**20
-# Auto trains in this process when a replica is smaller than this (epochs x training images):
-# below it, starting workers and sharing two cores with the stage's own work (reading the data,
-# saving, logging each replica) cost more than the replicas side by side save. Measured with the
-# cheapest model per sample (docs/speed.md, "When workers pay").
-MIN_SAMPLES = 20_000
+# The most memory of its own one worker held (conv16 on the full data: 854 MiB, its test MSE's
+# activations; benchmarks/workers.py memory), with room to spare: what the stage shares with
+# its forks (torch's libraries, the images) is held once, by the stage. Auto starts no more
+# workers than memory has room for at this much each.
+WORKER_MEMORY = 1024 * 2**20
+# Auto trains in this process when a replica is smaller than this (epochs x training images).
+# Measured on an idle 2-core machine with the cheapest model per sample (under30, 3 replicas,
+# docs/speed.md "When workers pay"): at 300-3,000 samples two workers saved nothing beyond the
+# noise (0.93-0.98x the wall) for ~2 CPU s more; at 6,000, 0.88x.
+MIN_SAMPLES = 5_000
 
 
 def _cgroup_folders(mounts: str, own: str) -> list[Path]:
@@ -186,21 +190,26 @@ def _die_with(parent: int) -> None:
 
 
 def memory() -> tuple[int, int]:
-    """(resident, resident and not shared) bytes of this process now, from
-    /proc/self/smaps_rollup: a worker shares torch's libraries and the stage's pages (the
-    images) with the stage, and only what it alone holds (Private_*) is its own; (0, 0)
-    where there is no /proc."""
+    """(peak resident, resident now) bytes of this process, from /proc/self/status (VmHWM,
+    VmRSS); (0, 0) where there is no /proc."""
     try:
-        lines = Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]  # 1: the range
-        kib = {key: int(value.split()[0]) for key, value in (ln.split(":", 1) for ln in lines)}
-        return kib["Rss"] * 1024, (kib["Private_Clean"] + kib["Private_Dirty"]) * 1024
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").open())
+        return tuple(int(fields[key].split()[0]) * 1024 for key in ("VmHWM", "VmRSS"))
     except (OSError, KeyError, ValueError):
         return 0, 0
 
 
-def _send_epoch(conn, replica: int, peak: list[int], record: dict) -> None:
-    now = memory()  # at an epoch's end the training data is still held
-    peak[:] = [max(p, n) for p, n in zip(peak, now)]
+def _own_from_here() -> Callable[[], tuple[int, int]]:
+    """In a fresh fork: a function that gives (peak resident, the most memory of its own) of
+    this process, its own being what its peak added to what it shares with the stage from the
+    fork on (the stage's pages, torch's libraries: resident in both, held once)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # 5: VmHWM starts again from VmRSS
+    shared = memory()[1]
+    return lambda: (memory()[0], max(0, memory()[0] - shared))
+
+
+def _send_epoch(conn, replica: int, record: dict) -> None:
     conn.send(("epoch", replica, record))
 
 
@@ -213,21 +222,21 @@ def _work(conn, parent: int, cfg: ModelConfig, path: str, name: str, train_x: np
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the stage's cleanup: it has none here
     gc.enable()  # Replicas._start froze what the stage holds and paused collection to fork
     tqdm.set_lock(threading.RLock())  # the stage's may have been held at the fork
+    own = _own_from_here()
     train, test = torch.from_numpy(train_x), torch.from_numpy(test_x)  # shared, not copied
     while (task := conn.recv()) is not None:
         replica, seed = task
-        own = [0, 0]  # the most memory this process held, sampled once per epoch
         try:
             model, history = training.train_replica(
                 cfg, train, test, device=CPU, seed=seed, path=path, name=f"{name}-r{replica}",
-                progress=False, on_epoch=functools.partial(_send_epoch, conn, replica, own))
+                progress=False, on_epoch=functools.partial(_send_epoch, conn, replica))
         except Exception as err:  # noqa: BLE001 - every failure goes to the parent, named
             conn.send(("error", replica, isinstance(err, training.TrainingError),
                        type(err).__name__, str(err), traceback.format_exc()))
             return
         buffer = io.BytesIO()
         torch.save(model.state_dict(), buffer)
-        conn.send(("done", replica, buffer.getvalue(), history, tuple(own)))
+        conn.send(("done", replica, buffer.getvalue(), history, own()))
 
 
 # --------------------------------------------------------------------------- the parent side
@@ -253,7 +262,7 @@ class Replicas:
         self.done: dict[int, tuple[bytes, training.History]] = {}
         self.failure: tuple[int, BaseException] | None = None
         self.next = 0
-        self.peaks: list[tuple[int, int]] = []  # per replica, its worker's memory()
+        self.peaks: list[tuple[int, int]] = []  # per replica, its worker's (resident, own)
         self.bar = None
 
     def __enter__(self) -> Replicas:

@@ -11,8 +11,9 @@ the ratio of the medians, the CPU seconds of the stage and its workers, the load
 each run, and whether every run wrote the same bytes; each invocation's result is added to the
 earlier ones.
 `memory` trains two replicas of each model (1 epoch, the full data) in two workers and reports
-each worker's peak resident memory (VmHWM: with torch's shared libraries) and the most memory of
-its own it held at an epoch's end (RssAnon). Results go to benchmarks/results/workers-cpu.json.
+each worker's peak resident memory (VmHWM: with what it shares with the stage, torch's libraries
+and the images) and the most memory of its own (that peak less what it shared at the fork).
+Results go to benchmarks/results/workers-cpu.json.
 """
 
 from __future__ import annotations
@@ -128,9 +129,9 @@ def memory(csv_dir: Path, names: list[str], epochs: int) -> list[dict]:
                 pool.result(r)
             peaks = list(pool.peaks)
         rows.append({"model": name, "peak_resident_mib": max(p[0] for p in peaks) / MIB,
-                     "own_at_epoch_end_mib": max(p[1] for p in peaks) / MIB})
-        print(f"{name:11s} peak resident {rows[-1]['peak_resident_mib']:6.0f} MiB, own at an "
-              f"epoch's end {rows[-1]['own_at_epoch_end_mib']:6.0f} MiB", flush=True)
+                     "own_peak_mib": max(p[1] for p in peaks) / MIB})
+        print(f"{name:11s} peak resident {rows[-1]['peak_resident_mib']:6.0f} MiB, its own at "
+              f"its peak {rows[-1]['own_peak_mib']:6.0f} MiB", flush=True)
     return rows
 
 

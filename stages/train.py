@@ -5,6 +5,7 @@ train.seed + i) and CURVE_CSV (per epoch, mean and std over replicas), only when
 """
 
 import contextlib
+import os
 import sys
 
 from aebench import cli, config, constants, data, files, kinds, models, tracking, training, workers
@@ -37,7 +38,8 @@ def main(args) -> None:
     run_params = {**config.flatten(cfg.model_dump()), "train.path": train.path,
                   "train.limit": train.limit, "n_train": len(train_x), "device": str(device),
                   "replicas": len(seeds), "workers": n_workers, "latent_dim": probe.latent_dim,
-                  "n_params": sum(t.numel() for t in probe.parameters())}
+                  "n_params": sum(t.numel() for t in probe.parameters()),
+                  "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
     histories, model_ids = [], []
     color = tracking.model_color(list(params["models"]).index(args.name))  # as in the PNGs
     # The weights and the curve move into place together, inside the run (a failure fails it).
