@@ -32,8 +32,11 @@ repro: $(STAMP)
 	$(BIN)/python -m aebench.yaml_bounds
 	$(BIN)/dvc repro
 
+# One pytest worker per core (pytest-xdist), each test file on one worker (its module
+# fixtures, such as a whole `dvc repro` flow, built once); the 10 slowest tests listed at the
+# end (docs/code.md says why each is slow).
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile --durations=10
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

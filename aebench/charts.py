@@ -192,9 +192,8 @@ def mse_bars(results: Mapping[str, Mapping], path: str | Path, *,
         ax.axvline(reference["mse"], color="crimson", ls="--", lw=1.2)
         handles.append(Line2D([], [], color="crimson", ls="--", label=_ref_label(reference)))
     ax.set_xscale("log")
-    # Room right of the longest bar (and its error bar) for its label: ~1.8 decades.
     tops = [r["mse"] + (r.get("mse_std") or 0) for r in results.values()]
-    ax.set_xlim(floor, max([v for v in values if v is not None] + tops) * 60)
+    ax.set_xlim(floor, max([v for v in values if v is not None] + tops) * 60)  # to measure
     ax.set_yticks(range(len(names)))
     ax.set_yticklabels([f"{n}\nlatent {results[n]['latent_dim']}" for n in names], fontsize=9)
     pad = max(0.0, (3 - len(names)) / 2)  # one or two groups: thinner rows, centred
@@ -204,7 +203,19 @@ def mse_bars(results: Mapping[str, Mapping], path: str | Path, *,
                  "components", fontsize=12, weight="bold")
     ax.grid(True, axis="x", which="major", alpha=0.35)
     fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncol=2, frameon=False)
+    _fit_texts(fig, ax, floor)
     return save_png(fig, path)
+
+
+def _fit_texts(fig, ax, floor: float, margin: float = 0.03) -> None:
+    """End the log x axis where its rightmost text ends (each bar's label is right of it), so
+    that no empty decade takes the bars' room: a text at x whose width is a share s of the
+    axes needs log10(x / floor) / (1 - s) decades."""
+    fig.canvas.draw()  # lays the figure out: the axes' and the texts' widths in pixels
+    width = ax.get_window_extent().width
+    need = [np.log10(t.get_position()[0] / floor) / (1 - t.get_window_extent().width / width
+                                                      - margin) for t in ax.texts]
+    ax.set_xlim(floor, floor * 10 ** max(need))
 
 
 def pca_curve(components: np.ndarray, mse: np.ndarray, points: Mapping[str, tuple[int, float]],

@@ -274,8 +274,16 @@ def test_killing_dvc_repro_stops_the_trainer_and_changes_no_committed_file(repos
 
 
 def workers_in(repo: Path) -> list[int]:
-    """Pids of the worker processes (multiprocessing's spawn) training in `repo`."""
-    return [pid for pid, cmd in processes_in(repo).items() if "spawn_main" in cmd]
+    """Pids of the worker processes training in `repo`: forks of the stage (its command line)
+    with no children of their own. The stage, a fork of the warm server, has the server's
+    command line too, but once its workers run it has children."""
+    procs = processes_in(repo)
+    parent = {}
+    for pid in procs:
+        with contextlib.suppress(OSError, ValueError, IndexError):  # gone meanwhile
+            parent[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return [pid for pid, ppid in parent.items()
+            if procs.get(ppid) == procs[pid] and pid not in parent.values()]
 
 
 def gone(repo: Path) -> bool:
