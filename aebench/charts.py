@@ -211,7 +211,7 @@ def _fit_texts(fig, ax, floor: float, margin: float = 0.03) -> None:
     """End the log x axis where its rightmost text ends (each bar's label is right of it), so
     that no empty decade takes the bars' room: a text at x whose width is a share s of the
     axes needs log10(x / floor) / (1 - s) decades."""
-    fig.canvas.draw()  # lays the figure out: the axes' and the texts' widths in pixels
+    fig.draw_without_rendering()  # lays the figure out: the axes' and the texts' widths in pixels
     width = ax.get_window_extent().width
     need = [np.log10(t.get_position()[0] / floor) / (1 - t.get_window_extent().width / width
                                                       - margin) for t in ax.texts]
