@@ -3,7 +3,7 @@ side by side (before and after a change).
 
     python benchmarks/stage_overhead.py CSV_DIR [--tree LABEL=DIR ...] [--repeats 3]
         [--stages GLOB,...] [--limit 3000] [--epochs 1] [--replicas 1] [--server]
-        [--smoke N] [--out benchmarks/results/stage_overhead.json]
+        [--smoke N] [--again K] [--out benchmarks/results/stage_overhead.json]
 
 Per tree (default: this working copy, labelled `this`) a scratch project is made as `make
 smoke` makes one (aebench.smoke: the tree's files without results, params sliced to --limit
@@ -22,11 +22,12 @@ wall - compute.
 backend, artifacts through the server, as docs/pipeline.md starts one) instead of opening the
 sqlite file themselves. --smoke N runs `python -m
 aebench.smoke` of each tree N times, interleaved (the whole pipeline by `dvc repro`, with
-download and convert; needs MNIST_MIRROR), then two one-model experiments in each smoke copy
-(`dvc exp run -S models.under30.epochs=2`: train@under30, evaluate, figures, report; then the
-same with another learning rate). The first starts cold (the smoke run's warm server has the
-smoke's environment), the second finds the server the first started, as the next run of the
-edit-run loop does (experiment_s, experiment_again_s). A `python` first in PATH during the
+download and convert; needs MNIST_MIRROR), then one-model experiments in each smoke copy
+(`dvc exp run -S models.under30.epochs=2`: train@under30, score@under30, evaluate, figures,
+report; then --again K times the same with another learning rate each time). The first starts
+cold (the smoke run's warm server has the smoke's environment), the others find the server the
+first started, as the next run of the edit-run loop does (experiment_s; experiment_again_s,
+the median of the K). A `python` first in PATH during the
 experiments times each stage command DVC runs (experiment_stages_s, experiment_again_stages_s):
 the issue's own count, the stages without DVC's bookkeeping and with nothing of the probe's.
 """
@@ -59,7 +60,10 @@ PARTS = ("startup", "import", "store", "first_use", "compute", "mlflow", "read",
          "at_exit", "teardown", "other")
 SKIP = ("download", "convert")  # real work on the full data, not fixed cost
 EXPERIMENT = ["dvc", "exp", "run", "-S", "models.under30.epochs=2"]
-AGAIN = [*EXPERIMENT, "-S", "models.under30.optimizer.lr=0.002"]  # the same work, warm
+def again_argv(k: int) -> list[str]:
+    """The k-th warm repeat of the experiment: another learning rate each time (a new
+    experiment, not DVC's run cache)."""
+    return [*EXPERIMENT, "-S", f"models.under30.optimizer.lr={0.002 + 0.0001 * k:g}"]
 
 
 @dataclass
@@ -278,8 +282,11 @@ exit $rc
     return shim
 
 
-def smoke(variants: list[Variant], work: Path, n: int, env: dict, rows: list, save) -> None:
-    """`python -m aebench.smoke` of each tree, then the one-model experiment in its copy."""
+def smoke(variants: list[Variant], work: Path, n: int, env: dict, rows: list, save,
+          again_n: int = 1) -> None:
+    """`python -m aebench.smoke` of each tree, then the one-model experiment in its copy: once
+    cold, then `again_n` times warm (medians in experiment_again_*, each in
+    experiment_again_runs)."""
     if not env.get("MNIST_MIRROR"):
         raise SystemExit("--smoke: set MNIST_MIRROR (the smoke run downloads MNIST from it)")
     shim = make_shim(work)
@@ -292,13 +299,19 @@ def smoke(variants: list[Variant], work: Path, n: int, env: dict, rows: list, sa
             # not the smoke run's warm server: that one has the smoke's environment (its own
             # MLflow store), so the first experiment's first stage starts cold
             exp, exp_stages = timed_stages(EXPERIMENT, copy, run_env, shim)
-            again, again_stages = timed_stages(AGAIN, copy, run_env, shim)
+            runs = [timed_stages(again_argv(k), copy, run_env, shim) for k in range(again_n)]
+            again = statistics.median(wall for wall, _ in runs)
+            again_stages = {stage: round(statistics.median(t[stage] for _, t in runs), 2)
+                            for stage in runs[0][1]}
             subprocess.run([sys.executable, "-m", "aebench.warm", "--stop"], cwd=copy,
                            env=run_env, capture_output=True)  # a tree without it: an error
             rows.append({"variant": v.label, "repeat": i, "smoke_s": round(wall, 2),
                          "experiment_s": round(exp, 2), "experiment_again_s": round(again, 2),
                          "experiment_stages_s": exp_stages,
-                         "experiment_again_stages_s": again_stages, "load_1min": load})
+                         "experiment_again_stages_s": again_stages, "load_1min": load,
+                         "experiment_again_runs": [{"wall": round(w, 2), "stages": t,
+                                                    "total": round(sum(t.values()), 2)}
+                                                   for w, t in runs]})
             print(f"smoke {v.label}: {wall:.1f} s; one-model experiment {exp:.1f} s, "
                   f"again {again:.1f} s (its stage commands: "
                   + ", ".join(f"{k} {t:.2f}" for k, t in again_stages.items())
@@ -327,6 +340,8 @@ def main(argv=None) -> None:
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--server", action="store_true", help="also each tree with an mlflow server")
     ap.add_argument("--smoke", type=int, default=0, metavar="N")
+    ap.add_argument("--again", type=int, default=1, metavar="K",
+                    help="warm repeats of the one-model experiment per smoke run (medians)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch projects")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/stage_overhead.json")
     args = ap.parse_args(argv)
@@ -378,7 +393,7 @@ def main(argv=None) -> None:
             print_table(result["summary"])
         save()
         if args.smoke:
-            smoke(variants, work, args.smoke, env, result["smoke"], save)
+            smoke(variants, work, args.smoke, env, result["smoke"], save, args.again)
     finally:
         for v in variants:
             if v.server_proc:

@@ -165,8 +165,8 @@ STALE_MODEL = "old"  # a model removed from params.yaml whose weights folder is 
 
 
 def dvc_args(stage: str, key: str | None = None) -> list[str]:
-    """The arguments dvc.yaml gives `stages.<stage>` (train: for model `key`), so tests run the
-    stages on exactly the paths the pipeline uses."""
+    """The arguments dvc.yaml gives `stages.<stage>` (train, score: for model `key`), so tests
+    run the stages on exactly the paths the pipeline uses."""
     import yaml
 
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
@@ -242,8 +242,8 @@ def project(tmp_path_factory) -> Iterator[Project]:
 
 
 def build_project(root: Path, uri: str) -> Project:
-    """Into `root`: train (2 models x 2 replicas, 2 epochs, 50 of 60 images) and evaluate, by
-    the stages' main() with the arguments of dvc.yaml; MLflow runs go to `uri`."""
+    """Into `root`: train (2 models x 2 replicas, 2 epochs, 50 of 60 images), score and
+    evaluate, by the stages' main() with the arguments of dvc.yaml; MLflow runs go to `uri`."""
     import yaml
 
     from aebench.data import write_mnist_csv
@@ -262,6 +262,9 @@ def build_project(root: Path, uri: str) -> Project:
         # A model trained once and since removed from params.yaml: nothing may read it.
         shutil.copytree(root / "data/models/deep3", root / "data/models" / STALE_MODEL)
         shutil.copy(root / "plots/curves/deep3.csv", root / f"plots/curves/{STALE_MODEL}.csv")
+        for name in TINY_MODELS:
+            run_stage("score", key=name)
+        shutil.copy(root / "data/scores/deep3.json", root / f"data/scores/{STALE_MODEL}.json")
         run_stage("evaluate")
     return Project(root, uri)
 

@@ -2,11 +2,12 @@
 
 The download stage verifies the real MNIST checksums, which generated files cannot match, so each
 copy gets its own IDX files in data/raw, recorded with `dvc commit download`; every later stage
-then runs for real: convert, train@<model>, pca, evaluate, figures, report, with MLflow at its
-default location (sqlite:///<copy>/mlflow.db). Two models keep it quick: an mlp with two replicas
-and a conv model trained on noisy inputs with one. Two copies run side by side in two folders,
-and every output must come out byte for byte the same (run ids, times and paths stay out of
-them; numbers are rounded to 6 significant digits; training is deterministic on the CPU).
+then runs for real: convert, train@<model>, score@<model>, pca, evaluate, figures, report, with
+MLflow at its default location (sqlite:///<copy>/mlflow.db). Two models keep it quick: an mlp
+with two replicas and a conv model trained on noisy inputs with one. Two copies run side by side
+in two folders, and every output must come out byte for byte the same (run ids, times and paths
+stay out of them; numbers are rounded to 6 significant digits; training is deterministic on the
+CPU).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from aebench.smoke import copy_repo
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.e2e
 MODELS = {"under30": {"replicas": 2}, "conv16": {"replicas": 1, "input_noise": 0.5}}
-OUTPUTS = ("dvc.lock", "data/models", "metrics", "plots/curves", "plots/pca_curve.csv",
-           "plots/figures", "plots/test_mse_by_epoch.csv", "reports")
+OUTPUTS = ("dvc.lock", "data/models", "data/scores", "metrics", "plots/curves",
+           "plots/pca_curve.csv", "plots/figures", "plots/test_mse_by_epoch.csv", "reports")
 
 
 def env(warm: bool = True) -> dict[str, str]:
@@ -182,7 +183,8 @@ def test_every_model_is_trained_evaluated_and_recorded(repos):
 
 def test_two_folders_warm_and_cold_give_the_same_bytes(repos):
     a, b = repos["outputs"]  # a's stages forked from a warm server, b's each its own process
-    assert len(a) >= 19 and sorted(a) == sorted(b)  # lock, 3 weights, 2+2+1 csv/json, 8 PNG, 2
+    # dvc.lock, 3 weights, 2 scores, 2+2+1 csv/json, 8 PNG, 2 reports
+    assert len(a) >= 21 and sorted(a) == sorted(b)
     different = [name for name in a if a[name] != b[name]]
     assert different == []
 
@@ -195,7 +197,7 @@ def test_one_param_change_retrains_and_rescores_only_that_model(repos):
     repo, out = repos["a"], repos["exp"]
     ran = sorted(line.split("'")[1] for line in out.splitlines()
                  if line.startswith("Running stage"))
-    assert ran == ["evaluate", "figures", "report", "train@under30"]
+    assert ran == ["evaluate", "figures", "report", "score@under30", "train@under30"]
     params = json.loads(sh(repo, "dvc", "params", "diff", "--json"))["params.yaml"]
     assert list(params) == ["models.under30.epochs"]
     assert (params["models.under30.epochs"]["old"], params["models.under30.epochs"]["new"]) \

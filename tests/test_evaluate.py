@@ -1,5 +1,6 @@
-"""The evaluate stage, on the session's project (conftest): two tiny trained models, two
-replicas each, evaluated in-process; its error cases on copies, one of them as a subprocess."""
+"""The score and evaluate stages, on the session's project (conftest): two tiny trained models,
+two replicas each, scored and evaluated in-process; their error cases on copies, one of them as
+a subprocess."""
 
 from __future__ import annotations
 
@@ -141,13 +142,45 @@ def test_the_evaluate_run_holds_the_headline_and_sets_best(project_copy, mlflow_
 
 
 def test_same_weights_give_byte_identical_files(project, project_copy):
-    # the weights of a model no longer in params.yaml are not read, let alone evaluated
+    # the weights of a model no longer in params.yaml are not read, let alone scored
     (project_copy / "data/models" / STALE_MODEL / "r0.pt").write_bytes(b"garbage")
-    run_stage("evaluate")  # the arguments of dvc.yaml
-    for path in [f"metrics/{n}.json" for n in TINY_MODELS] + ["reports/details.json"]:
+    for name in TINY_MODELS:
+        run_stage("score", key=name)  # the arguments of dvc.yaml
+    run_stage("evaluate")
+    for path in [f"metrics/{n}.json" for n in TINY_MODELS] + ["reports/details.json"] + \
+            [f"data/scores/{n}.json" for n in TINY_MODELS]:
         assert (project_copy / path).read_bytes() == (project.root / path).read_bytes(), path
     assert STALE_MODEL not in (project_copy / "reports/details.json").read_text()
     assert not list(project_copy.rglob("*.tmp"))
+
+
+def test_scores_are_exact_and_name_the_weights_they_scored(project):
+    """score@NAME keeps every float as computed (evaluate's means are of these), and the sha256
+    of each weights file, by which evaluate finds the replica's logged model."""
+    details = read(project, "reports/details.json")
+    for name in TINY_MODELS:
+        scores = read(project, f"data/scores/{name}.json")
+        assert scores["name"] == name and scores["latent_dim"] == details[name]["latent_dim"]
+        for r, replica in enumerate(scores["replicas"]):
+            assert replica["weights_sha256"] == tracking.sha256_file(
+                project.root / f"data/models/{name}/r{r}.pt")
+            assert files.rounded(replica["mse"]) == details[name]["replicas"][r]["mse"]
+            assert len(repr(replica["mse"])) > 10  # not rounded to the metrics files' digits
+
+
+def test_scores_of_another_replica_count_are_refused_naming_the_file(project_copy):
+    params = yaml.safe_load((project_copy / "params.yaml").read_text())
+    params["train"]["replicas"] = 3  # params.yaml changed, the scores not re-run
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with pytest.raises(ValueError, match=r"^data/scores/deep3.json: holds 2 replica\(s\) of "
+                                         r"model 'deep3', not 3 of 'deep3'; rerun `dvc repro "
+                                         r"score@deep3`$"):
+        run_stage("evaluate")
+    (project_copy / "data/scores/deep3.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"^data/scores/deep3.json: missing; model "
+                                                r"'deep3' has not been scored \(run `dvc repro "
+                                                r"score@deep3`\)$"):
+        run_stage("evaluate")
 
 
 def test_a_removed_model_loses_its_metrics_file(project_copy):
@@ -164,7 +197,7 @@ def test_missing_replica_names_the_file(project_copy):
     (project_copy / "data/models/convnoisy/r1.pt").unlink()
     with pytest.raises(FileNotFoundError, match=r"data/models/convnoisy/r1.pt: no weights for "
                                                 r"model 'convnoisy'"):
-        run_stage("evaluate")
+        run_stage("score", key="convnoisy")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "overwritten", "truncated"])
@@ -176,7 +209,7 @@ def test_damaged_weights_are_one_line_naming_the_file_and_the_fix(project_copy, 
            "truncated": good[:5000]}[damage]
     path.write_bytes(bad)
     with pytest.raises(ValueError) as err:
-        run_stage("evaluate")
+        run_stage("score", key="deep3")
     why = {"garbage": "not a zip archive: File is not a zip file",
            # torch.load itself reads these weights without a word: the zip's CRC-32 tells
            "overwritten": "member archive/data/0 fails its CRC-32 check",
@@ -192,7 +225,7 @@ def test_swapped_replica_files_are_refused(project_copy):
     os.rename(folder / "r1.pt", folder / "r0.pt")
     os.rename(folder / "swap", folder / "r1.pt")
     with pytest.raises(ValueError) as err:
-        run_stage("evaluate")
+        run_stage("score", key="deep3")
     assert str(err.value).startswith(
         "data/models/deep3/r0.pt: holds model 'deep3' replica 1 (seed 1), not 'deep3' replica 0 "
         "(seed 0): files were renamed or mixed; put the folder back with `dvc checkout")
@@ -204,7 +237,7 @@ def test_checkpoint_of_other_config_names_the_file_and_keys(project_copy):
     models.save_checkpoint(project_copy / "data/models/deep3/r0.pt", other.make(), name="deep3",
                            cfg=other, replica=0, seed=0, device="cpu")
     with pytest.raises(ValueError, match=r"data/models/deep3/r0.pt.*decoder, encoder"):
-        run_stage("evaluate")
+        run_stage("score", key="deep3")
 
 
 def test_failure_leaves_the_outputs_untouched(project, project_copy):
@@ -212,22 +245,22 @@ def test_failure_leaves_the_outputs_untouched(project, project_copy):
     state["state_dict"] = {k: v[..., :1] for k, v in state["state_dict"].items()}  # wrong shapes
     torch.save(state, project_copy / "data/models/deep3/r1.pt")
     with pytest.raises(ValueError, match="data/models/deep3/r1.pt: weights do not fit"):
-        run_stage("evaluate")
-    for path in [f"metrics/{n}.json" for n in TINY_MODELS] + ["reports/details.json"]:
+        run_stage("score", key="deep3")
+    for path in ["data/scores/deep3.json"]:  # the last good output stays
         assert (project_copy / path).read_bytes() == (project.root / path).read_bytes(), path
 
 
 def test_cli_missing_model_folder_is_one_line_and_exit_1(project_copy):
-    # The one real `python -m stages.evaluate` of the suite: exit code and stderr are the point.
+    # The one real `python -m stages.score` of the suite: exit code and stderr are the point.
     os.rename(project_copy / "data/models/deep3", project_copy / "data/models/gone")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("AEBENCH_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "stages.evaluate", *dvc_args("evaluate")],
+    proc = subprocess.run([sys.executable, "-m", "stages.score", *dvc_args("score", "deep3")],
                           cwd=project_copy, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert lines == ["error: data/models/deep3: missing; model 'deep3' has not been trained "
                      "(run `dvc repro train@deep3`)"], proc.stderr
-    assert len(json.loads((project_copy / "reports/details.json").read_text())["deep3"]
-               ["replicas"]) == 2  # the last good outputs stay
+    assert len(json.loads((project_copy / "data/scores/deep3.json").read_text())
+               ["replicas"]) == 2  # the last good output stays
 

@@ -127,7 +127,8 @@ def flow(memory_path_factory, env) -> dict:
 def test_review_reruns_only_the_changed_model_and_what_follows(flow):
     report = flow["first"]
     assert rerun_table(report) == {s: "byte-identical" for s in
-                                   ("train@under30", "evaluate", "figures", "report")}
+                                   ("train@under30", "score@under30", "evaluate", "figures",
+                                    "report")}
     assert "**Reproduced**: every re-run output is byte-identical" in report
     summary = report.split("## Metrics: BASE → HEAD", 1)[1].split("|", 1)[0]
     assert "- **under30**: " in summary and "1 model bit-identical: shallow128" in summary

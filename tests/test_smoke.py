@@ -130,13 +130,27 @@ def test_the_lock_folder_must_be_this_users_alone(tmp_path, monkeypatch):
     assert "drwxrwxrwx" in str(exit_.value.code)
 
 
-def test_dvcs_push_hint_is_not_passed_on(tmp_path, capfd):
-    bin_ = tmp_path / "bin"
+def test_download_and_convert_run_cold_first_and_dvcs_hints_are_not_passed_on(tmp_path, capfd):
+    """Two `dvc repro`s: convert (and download) cold while the warm server imports, then the
+    rest; the second's "didn't change" lines of those two and DVC's push hint are not shown,
+    and a failed first step is the run's exit code, with no second."""
+    bin_, calls = tmp_path / "bin", tmp_path / "calls"
     bin_.mkdir()
-    (bin_ / "dvc").write_text("#!/bin/sh\necho \"Running stage 'a':\"\necho \"Use \\`dvc push\\` "
-                              "to send your updates to remote storage.\"\nexit 3\n")
+    (bin_ / "dvc").write_text(f"""#!/bin/sh
+echo "$* AEBENCH_WARM=$AEBENCH_WARM" >> {calls}
+echo "Stage 'download' didn't change, skipping"
+echo "Running stage 'a':"
+echo "Use \\`dvc push\\` to send your updates to remote storage."
+exit $EXIT
+""")
     (bin_ / "dvc").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_}{os.pathsep}{os.environ['PATH']}"}
-    assert smoke.repro(tmp_path, env) == 3
-    assert capfd.readouterr().out == "Running stage 'a':\n"
+    env = {k: v for k, v in os.environ.items() if k != "AEBENCH_WARM"}
+    env.update(PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}", EXIT="0")
+    assert smoke.repro(tmp_path, env) == 0
+    assert calls.read_text().splitlines() == ["repro convert AEBENCH_WARM=0", "repro AEBENCH_WARM="]
+    assert capfd.readouterr().out == ("Stage 'download' didn't change, skipping\n"
+                                      "Running stage 'a':\nRunning stage 'a':\n")
+    calls.unlink()
+    assert smoke.repro(tmp_path, {**env, "EXIT": "3"}) == 3
+    assert calls.read_text().splitlines() == ["repro convert AEBENCH_WARM=0"]
     assert smoke.SCRATCH_DVC_CONFIG == "[core]\n    autostage = true\n"

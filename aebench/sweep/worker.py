@@ -160,7 +160,7 @@ def run_configuration(job: Job) -> Result:
         try:
             # every output of the base commit first: `--pull --allow-missing` alone skips an
             # unchanged stage without pulling its outputs, which a changed stage downstream
-            # reads (evaluate reads every model)
+            # reads (evaluate reads every model's scores, figures every model)
             step("dvc pull", ["dvc", "pull", "--quiet"], clone, env)
             result.seconds["pull"] = time.monotonic() - start
             start = time.monotonic()
