@@ -15,8 +15,8 @@ Needs root for `unshare --net` (Ray on loopback only), PostgreSQL, $MNIST_MIRROR
 - queue: 4 other learning rates (nothing cached) as `dvc exp run --queue`, then
   `dvc queue start -j 2` in the project itself: wall time until the queue is empty.
 
-Both sides re-run train@deep3, evaluate, figures and report per configuration. The machine's
-load average is recorded beside: the numbers are from whatever else the machine ran.
+Both sides re-run train@deep3, score@deep3, evaluate, figures and report per configuration. The
+machine's load average is recorded beside: the numbers are from whatever else the machine ran.
 """
 
 from __future__ import annotations
