@@ -147,9 +147,10 @@ def one_run(folder: Path) -> Iterator[None]:
 
 
 def repro(folder: Path, env: dict[str, str]) -> int:
-    """`dvc repro` in the scratch copy, its output passed on as it comes but DVC_PUSH_HINT;
-    its exit code. `env` should have PYTHONUNBUFFERED=1 (smoke_env), so that the stages'
-    lines come through the pipe as they print them.
+    """`dvc repro` in the scratch copy, its output passed on as it comes but DVC_PUSH_HINT (and
+    the second step's "didn't change" lines of the first step's stages); its exit code. `env`
+    should have PYTHONUNBUFFERED=1 (smoke_env), so that the stages' lines come through the pipe
+    as they print them.
 
     In two steps: download and convert first, cold (AEBENCH_WARM=0: each in a process of its
     own, under a second of imports, neither needs torch or MLflow), on one core while the warm

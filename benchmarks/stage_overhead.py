@@ -60,6 +60,8 @@ PARTS = ("startup", "import", "store", "first_use", "compute", "mlflow", "read",
          "at_exit", "teardown", "other")
 SKIP = ("download", "convert")  # real work on the full data, not fixed cost
 EXPERIMENT = ["dvc", "exp", "run", "-S", "models.under30.epochs=2"]
+
+
 def again_argv(k: int) -> list[str]:
     """The k-th warm repeat of the experiment: another learning rate each time (a new
     experiment, not DVC's run cache)."""
