@@ -44,8 +44,20 @@ def env(warm: bool = True) -> dict[str, str]:
     return env
 
 
+def as_from_a_shell() -> None:
+    """In a child before exec: every signal unblocked, SIGHUP, SIGINT and SIGTERM at their
+    defaults, as a shell starts a command. Under xdist the worker that runs this file has at
+    times had SIGHUP ignored (seen in DVC's /proc status; cause not found), which a process
+    keeps across exec, so a warm server started from it ignored SIGTERM and so did its stage,
+    and the kill tests saw a training outlive `dvc repro`'s SIGTERM."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def sh(cwd: Path, *args: str) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=900,
+                          preexec_fn=as_from_a_shell)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
@@ -81,7 +93,7 @@ def side_by_side(*commands: tuple[Path, list[str]], warm=(True, True)) -> list[s
     """Run each (folder, command) at once (the machine has two cores), warm or not (as
     `warm` says, in the same order); their outputs."""
     runs = [subprocess.Popen(cmd, cwd=cwd, env=env(on), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+                             stderr=subprocess.STDOUT, text=True, preexec_fn=as_from_a_shell)
             for (cwd, cmd), on in zip(commands, warm, strict=True)]
     outs = [run.communicate(timeout=900)[0] for run in runs]
     for run, out in zip(runs, outs, strict=True):
@@ -255,7 +267,8 @@ def test_killing_dvc_repro_stops_the_trainer_and_changes_no_committed_file(repos
     weights = files_under(repo)
     sh(repo, "python", "-m", "aebench.warm", "--start")  # the stage runs in the server's fork
     dvc = subprocess.Popen(["dvc", "repro", "train@under30"], cwd=repo, env=env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           preexec_fn=as_from_a_shell)
     wait_for_training(db)
     assert any("aebench.warm --serve" in cmd for cmd in processes_in(repo).values())
     for _ in range(600):  # and both workers have started (their imports take seconds)
@@ -326,7 +339,7 @@ def test_an_interrupted_or_failed_retrain_keeps_the_last_weights(repos):
     # Ctrl-C in the terminal: SIGINT to DVC and the stage's command, their process group
     dvc = subprocess.Popen(["dvc", "repro", "train@under30"], cwd=repo, env=env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+                           start_new_session=True, preexec_fn=as_from_a_shell)
     wait_for_training(db)
     assert any("aebench.warm --serve" in cmd for cmd in processes_in(repo).values())
     os.killpg(dvc.pid, signal.SIGINT)
@@ -340,7 +353,8 @@ def test_an_interrupted_or_failed_retrain_keeps_the_last_weights(repos):
         output_activation="relu", optimizer={"name": "adam", "lr": 1.0e6, "weight_decay": 0.0})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     failed = subprocess.run(["dvc", "repro", "train@under30"], cwd=repo, env=env(),
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600,
+                            preexec_fn=as_from_a_shell)
     assert failed.returncode != 0 and "the run diverged" in failed.stderr + failed.stdout
     assert files_under(repo) == weights and no_temporaries(repo)
     # DVC sees new params, and the weights it recorded still in place (not "deleted")
