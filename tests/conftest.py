@@ -38,6 +38,21 @@ from torch import nn
 # should under nohup): the Ctrl-C tests need SIGINT to act. A handler, unlike SIG_IGN, does
 # not survive exec, so the stages start with the default.
 signal.signal(signal.SIGINT, signal.default_int_handler)
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@pytest.fixture(autouse=True)
+def signal_dispositions() -> Iterator[None]:
+    """Each test leaves SIGINT, SIGTERM and SIGHUP as it found them. A stage's `cli.run` called
+    in this process installs its handler, which on a signal sets SIGTERM and SIGHUP ignored for
+    its cleanup; a later test that sends this process SIGINT would then leave both ignored, and
+    an ignored signal survives exec: every DVC, warm server and stage started afterwards by the
+    same xdist worker ignored SIGTERM (a trainer outlived `dvc repro`'s SIGTERM)."""
+    before = {signum: signal.getsignal(signum) for signum in STOPS}
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+
 
 IDX_NAMES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

@@ -160,3 +160,10 @@ def test_training_params_are_every_train_key_but_workers():
     listed = {p for p in STAGES["train"]["params"] if p.startswith("train")}
     assert listed == {f"train.{key}" for key in Train.model_fields if key != "workers"}
 
+
+def test_the_warm_server_warms_up_what_the_stages_use():
+    """aebench.warm's preload warms torch's compiler up only where a stage imports
+    aebench.training, and MLflow only where one imports aebench.tracking: the pipeline's stages
+    import both, so that their server does both."""
+    found = set().union(*(imported_modules(p) for p in (ROOT / "stages").glob("*.py")))
+    assert {"aebench.training", "aebench.tracking"} <= found

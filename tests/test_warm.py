@@ -41,7 +41,8 @@ def main(args):
         print("to stdout")
         out.write_text(json.dumps({
             "argv": sys.argv, "cwd": os.getcwd(), "name": __name__, "pid": os.getpid(),
-            "env": os.environ.get("DVC_TOY"), "warm": "torch" in sys.modules}))
+            "env": os.environ.get("DVC_TOY"), "warm": "torch" in sys.modules,
+            "mlflow": "mlflow" in sys.modules}))
     elif args.mode == "sleep":
         out.write_text(str(os.getpid()))
         try:
@@ -149,7 +150,9 @@ def test_a_warm_stage_sees_what_python_m_would_show_it(toy, tmp_path):
     assert seen[True].pop("pid") != seen[False].pop("pid")
     assert seen[True] == seen[False] == {
         "argv": [str(toy / "stages" / "toy.py"), "report", str(tmp_path / "r.json")],
-        "cwd": str(toy), "name": "__main__", "env": "x"}
+        "cwd": str(toy), "name": "__main__", "env": "x",
+        # no stage here imports aebench.tracking: the server imported no MLflow either
+        "mlflow": False}
 
 
 def test_errors_and_exit_codes_are_the_same(toy, tmp_path):

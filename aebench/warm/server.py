@@ -33,23 +33,28 @@ def preload() -> None:
             importlib.import_module(f"stages.{path.stem}")
     for name in [m for m in sys.modules if m.startswith("stages.")]:
         del sys.modules[name]
-    # What the stages import or look up on first use: MLflow and its sqlite store; torch's
-    # compiler, which the first optimizer of a process imports; the installed packages, which
-    # MLflow scans to check a logged model's requirements (0.25 s), here by saving a throwaway
-    # model outside the project. Missing, the stages fail as they would.
-    import torch
+    # What the stages look up on first use, where their imports show they will: torch's
+    # compiler, which the first optimizer of a process imports (stages that train); MLflow and
+    # its sqlite store, which aebench.tracking imports inside its functions, and the installed
+    # packages, which MLflow scans to check a logged model's requirements (0.25 s), here by
+    # saving a throwaway model outside the project (stages that record runs). A project whose
+    # stages do neither (a test's toy project) skips the 4 s of CPU these take. Missing, the
+    # stages fail as they would.
+    if "aebench.training" in sys.modules:
+        import torch
 
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-    with contextlib.suppress(ImportError):
-        import mlflow.data
-        import mlflow.pyfunc
-        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    if "aebench.tracking" in sys.modules:
+        with contextlib.suppress(ImportError):
+            import mlflow.data
+            import mlflow.pyfunc
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
-    # only a warm-up: whatever goes wrong here, the stage meets (and reports) itself
-    with contextlib.suppress(Exception):
-        from ..tracking.models import warm_up
+        # only a warm-up: whatever goes wrong here, the stage meets (and reports) itself
+        with contextlib.suppress(Exception):
+            from ..tracking.models import warm_up
 
-        warm_up()  # saves a throwaway model as the train stage logs one
+            warm_up()  # saves a throwaway model as the train stage logs one
 
 
 def serve(key: str, cold: int | None = None) -> tuple[socket.socket, dict, list[int]] | None:
