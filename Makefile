@@ -36,7 +36,7 @@ repro: $(STAMP)
 # fixtures, such as a whole `dvc repro` flow, built once); the 10 slowest tests listed at the
 # end (docs/code.md says why each is slow).
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -n auto --dist loadfile --durations=10
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder --durations=10
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

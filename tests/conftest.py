@@ -303,3 +303,14 @@ def project_copy(project: Project, tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", project.tracking_uri)
     return root
+
+
+# The module whose one flow is the suite's longest fixture (test_e2e_pipeline.py, about two
+# minutes of a core) starts first, on one xdist worker, while the other works through the rest;
+# xdist's own order (most tests first, `--dist loadfile`) would start it last. The Makefile's
+# `--no-loadscope-reorder` keeps this order.
+FIRST = ("test_e2e_pipeline.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in FIRST)  # stable: the rest as collected

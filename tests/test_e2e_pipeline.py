@@ -1,13 +1,21 @@
-"""The whole pipeline through DVC, in temporary copies of the repository, on small generated data.
+"""The whole pipeline through DVC and a pull request's review, in temporary repositories on
+small generated data: one flow serves every test here.
 
-The download stage verifies the real MNIST checksums, which generated files cannot match, so each
-copy gets its own IDX files in data/raw, recorded with `dvc commit download`; every later stage
-then runs for real: convert, train@<model>, score@<model>, pca, evaluate, figures, report, with
-MLflow at its default location (sqlite:///<copy>/mlflow.db). Two models keep it quick: an mlp
-with two replicas and a conv model trained on noisy inputs with one. Two copies run side by side
-in two folders, and every output must come out byte for byte the same (run ids, times and paths
-stay out of them; numbers are rounded to 6 significant digits; training is deterministic on the
-CPU).
+The download stage verifies the real MNIST checksums, which generated files cannot match, so the
+work copy gets its own IDX files in data/raw, recorded with `dvc commit download`; every later
+stage then runs for real: convert, train@<model>, score@<model>, pca, evaluate, figures, report,
+with MLflow at its default location (sqlite:///<copy>/mlflow.db). Two models keep it quick: an
+mlp with two replicas and a conv model trained on noisy inputs with one.
+
+The flow, as a team plays it with a bare git repository as origin and a local folder as the DVC
+remote: main's results, its stages forked from a warm server (aebench.warm), committed and
+pushed; an experiment (`dvc exp run -S models.under30.epochs=2`) committed as a pull request;
+`aebench review` of it in a fresh clone, with every stage in a process of its own
+(AEBENCH_WARM=0), whose re-run outputs must be byte for byte the committed, warm ones (run ids,
+times and paths stay out of them; numbers are rounded to 6 significant digits; training is
+deterministic on the CPU); then a PR commit that hand-edits a metric and `dvc commit`s it, and a
+branch of main that hand-edits a metric and reports/details.json without touching dvc.lock,
+each reviewed in the same clone. Last, the kill tests interrupt a retrain in the work copy.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -39,26 +48,18 @@ OUTPUTS = ("dvc.lock", "data/models", "data/scores", "metrics", "plots/curves",
 def env(warm: bool = True) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MNIST_MIRROR")}
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # `python` in dvc.yaml is this venv's
-    env["OMP_NUM_THREADS"] = "1"  # two pipelines side by side on two cores; tiny models
+    env["OMP_NUM_THREADS"] = "1"  # tiny models
     env["AEBENCH_WARM"] = "1" if warm else "0"  # stages forked from a warm server, or not
+    # the work copy's and the clone's servers serve the whole flow, and are stopped at its end
+    env["AEBENCH_WARM_IDLE"] = "60"
     return env
 
 
-def as_from_a_shell() -> None:
-    """In a child before exec: every signal unblocked, SIGHUP, SIGINT and SIGTERM at their
-    defaults, as a shell starts a command. Under xdist the worker that runs this file has at
-    times had SIGHUP ignored (seen in DVC's /proc status; cause not found), which a process
-    keeps across exec, so a warm server started from it ignored SIGTERM and so did its stage,
-    and the kill tests saw a training outlive `dvc repro`'s SIGTERM."""
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_DFL)
-
-
-def sh(cwd: Path, *args: str) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=900,
-                          preexec_fn=as_from_a_shell)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+def sh(cwd: Path, *args: str, rc: int = 0, warm: bool = True) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env(warm), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == rc, f"{' '.join(args)}: {proc.returncode}\n{proc.stdout}\n" \
+                                  f"{proc.stderr}"
     return proc.stdout + proc.stderr
 
 
@@ -66,15 +67,15 @@ def prepare(dest: Path) -> Path:
     repo = copy_repo(dest)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["limit"] = 0
-    # One process per training: two workers would start two more interpreters (torch, seconds
-    # of imports each) for a second of training. The worker path: test_workers.py, conftest's
-    # project (workers 2) and the kill test below (workers 2).
+    # One process per training: two workers would start two more processes for a second of
+    # training. The worker path: test_workers.py, conftest's project (workers 2) and the kill
+    # test below (workers 2).
     params["train"]["workers"] = 1
     params["models"] = {name: {**params["models"][name], "epochs": 1, **extra}
                         for name, extra in MODELS.items()}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_idx_set(repo / "data" / "raw", n_train=120, n_test=40, gz=False)
-    sh(repo, "dvc", "commit", "-f", "download")
+    sh(repo, "dvc", "commit", "-f", "download")  # generated files: no real MNIST md5
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-q", "-m", "small params")
     return repo
@@ -89,46 +90,35 @@ def files_under(root: Path) -> dict[str, bytes]:
     return out
 
 
-def side_by_side(*commands: tuple[Path, list[str]], warm=(True, True)) -> list[str]:
-    """Run each (folder, command) at once (the machine has two cores), warm or not (as
-    `warm` says, in the same order); their outputs."""
-    runs = [subprocess.Popen(cmd, cwd=cwd, env=env(on), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, preexec_fn=as_from_a_shell)
-            for (cwd, cmd), on in zip(commands, warm, strict=True)]
-    outs = [run.communicate(timeout=900)[0] for run in runs]
-    for run, out in zip(runs, outs, strict=True):
-        assert run.returncode == 0, out
-    return outs
+def commit_and_push(work: Path, message: str, branch: str) -> None:
+    sh(work, "git", "add", "-A")
+    sh(work, "git", "commit", "-qm", message)
+    sh(work, "git", "push", "-q", "origin", branch)
+    sh(work, "dvc", "push", "-q")
 
 
-@pytest.fixture(scope="module")
-def repos(memory_path_factory) -> Iterator[dict]:
-    """Two copies with the pipeline run once each, side by side, the first with its stages
-    forked from a warm server (aebench.warm), the second each in a process of its own
-    (AEBENCH_WARM=0); their outputs are saved; then, again side by side, an experiment with
-    one param changed in the first and a plain `dvc repro` (nothing changed) in the second.
-
-    In memory (conftest's memory_path_factory)."""
-    a, b = memory_path_factory("a"), memory_path_factory("b")
-    try:
-        yield run_both(a, b)
-    finally:  # the warm servers of both copies, before their folders go
-        for repo in (a, b):
-            subprocess.run([sys.executable, "-m", "aebench.warm", "--stop"], cwd=repo,
-                           env=env(), capture_output=True, timeout=60)
+def run_review(clone: Path, rc: int, warm: bool = True) -> str:
+    out = sh(clone, sys.executable, "-m", "aebench", "review", "origin/main", "--output",
+             "review.md", rc=rc, warm=warm)
+    report = (clone / "review.md").read_text()
+    assert out.startswith(report)  # the report on stdout too, then the stages' progress
+    return report
 
 
-def run_both(a: Path, b: Path) -> dict:
-    a, b = prepare(a), prepare(b)
-    side_by_side((a, ["dvc", "repro"]), (b, ["dvc", "repro"]), warm=(True, False))
-    sh(a, "git", "add", "-A")
-    sh(a, "git", "commit", "-q", "-m", "baseline")
-    outputs = (files_under(a), files_under(b))
-    aliases = registry_aliases(a)
-    exp, rerun = side_by_side((a, ["dvc", "exp", "run", "-S", "models.under30.epochs=2"]),
-                              (b, ["dvc", "repro"]))
-    return {"a": a, "b": b, "outputs": outputs, "exp": exp, "rerun": rerun,
-            "aliases_before_exp": aliases}
+def checkout_again(clone: Path, branch: str) -> None:
+    """`branch` of origin in the clone of the review before, every file as a fresh clone has
+    it, but DVC's cache and the warm server's folder (.dvc/cache, .dvc/tmp) kept: the next
+    review in the same CI workspace, which pulls nothing and imports nothing again."""
+    sh(clone, "git", "fetch", "-q", "origin")
+    sh(clone, "git", "checkout", "-q", "-f", "-B", branch, f"origin/{branch}")
+    sh(clone, "git", "clean", "-q", "-fdx", "-e", ".dvc/cache", "-e", ".dvc/tmp")
+    assert sh(clone, "git", "status", "--porcelain", "--untracked-files=all") == ""
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def registry_aliases(repo: Path) -> dict:
@@ -137,8 +127,83 @@ def registry_aliases(repo: Path) -> dict:
             "select name, alias, version from registered_model_aliases")}
 
 
-def test_every_model_is_trained_evaluated_and_recorded(repos):
-    repo = repos["b"]  # as the first run left it
+@pytest.fixture(scope="module")
+def flow(memory_path_factory) -> Iterator[dict]:
+    """The flow of the module's docstring, in memory (conftest's memory_path_factory): what each
+    step showed. Its warm servers (the work copy's, the clone's) are stopped at the end."""
+    top = memory_path_factory("flow")
+    try:
+        yield run_flow(top)
+    finally:
+        for folder in (top / "work", top / "clone"):
+            if folder.is_dir():
+                subprocess.run([sys.executable, "-m", "aebench.warm", "--stop"], cwd=folder,
+                               env=env(), capture_output=True, timeout=60)
+
+
+def run_flow(top: Path) -> dict:
+    origin = top / "origin.git"
+    sh(top, "git", "init", "-q", "--bare", str(origin))
+    (top / "work").mkdir()
+    work = prepare(top / "work")
+    sh(work, "git", "branch", "-M", "main")
+    sh(work, "git", "remote", "add", "origin", str(origin))
+    sh(work, "dvc", "remote", "add", "-d", "local", str(top / "dvc-remote"))
+    sh(work, "dvc", "repro")
+    # the work copy as the first run left it, for the tests that look at it (no processes)
+    baseline = shutil.copytree(work, top / "baseline",
+                               ignore=shutil.ignore_patterns(".dvc", ".git"))
+    aliases = registry_aliases(work)
+    commit_and_push(work, "main: results", "main")
+    main = {"outputs": files_under(work),
+            "details": json.loads((work / "reports" / "details.json").read_text())}
+
+    exp = sh(work, "dvc", "exp", "run", "-S", "models.under30.epochs=2")
+    seen = {"exp": exp, "params": json.loads(sh(work, "dvc", "params", "diff", "--json")),
+            "metrics": json.loads(sh(work, "dvc", "metrics", "diff", "--json")),
+            "compare": sh(work, sys.executable, "-m", "aebench", "compare")}  # HEAD vs the exp
+    sh(work, "git", "checkout", "-q", "-b", "pr")
+    commit_and_push(work, "pr: under30 trains 2 epochs", "pr")
+    rerun = sh(work, "dvc", "repro")
+    pr = files_under(work)
+
+    clone = top / "clone"
+    sh(top, "git", "clone", "-q", "-b", "pr", str(origin), str(clone))
+    reviews = {"first": run_review(clone, rc=0, warm=False)}
+    cold = files_under(clone)
+
+    path = work / "metrics" / "under30.json"  # a committed metric edited by hand
+    real = json.loads(path.read_text())["mse"]["mean"]
+    edited = round(real * 0.9, 6)
+    edit_json(path, lambda d: d["mse"].update(mean=edited))
+    sh(work, "dvc", "commit", "-f", "-q")
+    commit_and_push(work, "pr: a better number", "pr")
+    checkout_again(clone, "pr")
+    reviews["second"] = run_review(clone, rc=1)
+
+    # numbers edited by hand on main, dvc.lock untouched: nothing but the edit to re-run for
+    sh(work, "git", "checkout", "-q", "-b", "pr2", "main")
+    edit_json(path, lambda d: d["mse"].update(mean=0.001))
+    edit_json(work / "reports" / "details.json",
+              lambda d: d["under30"]["replicas"][0].update(mse=0.0005))
+    sh(work, "git", "commit", "-qam", "pr2: better numbers, by hand")
+    sh(work, "git", "push", "-q", "origin", "pr2")
+    checkout_again(clone, "pr2")
+    reviews["third"] = run_review(clone, rc=1)
+    sh(work, "git", "checkout", "-q", "-f", "pr")  # for the kill tests, as the PR left it
+    return {"work": work, "baseline": baseline, "aliases_before_exp": aliases, "main": main,
+            "pr": pr, "cold": cold, "rerun": rerun, "edit": (edited, real), **seen, **reviews}
+
+
+def rerun_table(report: str) -> dict[str, str]:
+    """stage -> its outputs cell, from the report's table of stages re-run."""
+    part = report.split("## Stages re-run", 1)[1]
+    rows = [line.split("|")[1:-1] for line in part.splitlines() if line.startswith("| ")]
+    return {r[0].strip(): r[3].strip() for r in rows[1:]}
+
+
+def test_every_model_is_trained_evaluated_and_recorded(flow):
+    repo = flow["baseline"]  # the work copy as the first run left it
     headline = {p.stem: json.loads(p.read_text()) for p in (repo / "metrics").iterdir()}
     assert sorted(headline) == sorted(MODELS)
     assert headline["under30"]["n"] == 2 and headline["conv16"]["n"] == 1
@@ -190,54 +255,107 @@ def test_every_model_is_trained_evaluated_and_recorded(repos):
     (note,) = db.execute("select t.value from tags t join runs r on t.run_uuid = r.run_uuid "
                          "where r.name = 'evaluate' and t.key = 'mlflow.note.content'").fetchone()
     assert note.endswith(report)
-    assert (repo / ".mlflow-last-store").read_text() == f"sqlite:///{repo}/mlflow.db\n"
+    assert (repo / ".mlflow-last-store").read_text() == f"sqlite:///{flow['work']}/mlflow.db\n"
 
 
-def test_two_folders_warm_and_cold_give_the_same_bytes(repos):
-    a, b = repos["outputs"]  # a's stages forked from a warm server, b's each its own process
+def test_a_cold_rerun_in_a_fresh_clone_gives_the_warm_bytes(flow):
+    """The first review re-ran train@under30, score@under30, evaluate, figures and report in
+    the clone, each stage in a process of its own; the work copy's stages were forked from a
+    warm server. Every output of the clone (pulled or re-run) is the work copy's, byte for
+    byte."""
+    warm, cold = flow["pr"], flow["cold"]
     # dvc.lock, 3 weights, 2 scores, 2+2+1 csv/json, 8 PNG, 2 reports
-    assert len(a) >= 21 and sorted(a) == sorted(b)
-    different = [name for name in a if a[name] != b[name]]
+    assert len(warm) >= 21 and sorted(warm) == sorted(cold)
+    different = [name for name in warm if warm[name] != cold[name]]
     assert different == []
 
 
-def test_nothing_reruns_when_nothing_changed(repos):
-    assert "Running stage" not in repos["rerun"]
+def test_nothing_reruns_when_nothing_changed(flow):
+    assert "Running stage" not in flow["rerun"]
 
 
-def test_one_param_change_retrains_and_rescores_only_that_model(repos):
-    repo, out = repos["a"], repos["exp"]
-    ran = sorted(line.split("'")[1] for line in out.splitlines()
+def test_one_param_change_retrains_and_rescores_only_that_model(flow):
+    ran = sorted(line.split("'")[1] for line in flow["exp"].splitlines()
                  if line.startswith("Running stage"))
     assert ran == ["evaluate", "figures", "report", "score@under30", "train@under30"]
-    params = json.loads(sh(repo, "dvc", "params", "diff", "--json"))["params.yaml"]
+    params = flow["params"]["params.yaml"]
     assert list(params) == ["models.under30.epochs"]
     assert (params["models.under30.epochs"]["old"], params["models.under30.epochs"]["new"]) \
         == (1, 2)
-    diff = json.loads(sh(repo, "dvc", "metrics", "diff", "--json"))
+    diff = flow["metrics"]
     assert list(diff) == ["metrics/under30.json"]  # one file per model: only under30's changed
     assert set(diff["metrics/under30.json"]) >= {"mse.mean", "mse.std"}
 
 
-def test_the_experiment_registers_its_models_and_moves_no_alias(repos):
+def test_the_experiment_registers_its_models_and_moves_no_alias(flow):
     # `dvc exp run` sets DVC_EXP_NAME in its stage commands: the retrained under30's versions
     # are registered, tagged with the experiment; @r0, @r1 and @best stay on the committed run's
-    repo = repos["a"]
-    assert registry_aliases(repo) == repos["aliases_before_exp"]
+    repo = flow["work"]
+    assert registry_aliases(repo) == flow["aliases_before_exp"]
     with contextlib.closing(sqlite3.connect(repo / "mlflow.db")) as db:
         tagged = dict(db.execute("select version, value from model_version_tags where name = "
                                  "'aebench-under30' and key = 'dvc_exp_name'"))
     assert sorted(tagged) == [3, 4] and len(set(tagged.values())) == 1  # its 2 replicas
-    assert not set(tagged) & set(repos["aliases_before_exp"].values())
+    assert not set(tagged) & set(flow["aliases_before_exp"].values())
 
 
-def test_compare_pairs_the_experiment_by_seed(repos):
-    out = sh(repos["a"], sys.executable, "-m", "aebench", "compare")  # HEAD vs the experiment
-    lines = out.splitlines()
+def test_compare_pairs_the_experiment_by_seed(flow):
+    lines = flow["compare"].splitlines()  # `aebench compare`: HEAD vs the experiment
     assert lines[0].startswith("**A** = ") and lines[0].endswith(" (HEAD) → **B** = workspace")
     assert lines[2].startswith("- **under30**: ") and lines[3] == "- 1 model bit-identical: conv16"
     under30 = next(line for line in lines if line.startswith("| under30 |"))
     assert "| paired |" in under30  # two replicas, seeds 0 and 1, on both sides
+
+
+def test_review_reruns_only_the_changed_model_and_what_follows(flow):
+    report = flow["first"]
+    assert rerun_table(report) == {s: "byte-identical" for s in
+                                   ("train@under30", "score@under30", "evaluate", "figures",
+                                    "report")}
+    assert "**Reproduced**: every re-run output is byte-identical" in report
+    summary = report.split("## Metrics: BASE → HEAD", 1)[1].split("|", 1)[0]
+    assert "- **under30**: " in summary and "1 model bit-identical: conv16" in summary
+    assert "models.under30.epochs" in report.split("## Params", 1)[1]
+
+
+def test_a_hand_edited_metric_fails_review(flow):
+    report = flow["second"]
+    verdict = report.split("## Metrics", 1)[0]
+    edited, real = flow["edit"]
+    assert verdict.endswith("**Not reproduced**: the committed results are not what the code "
+                            "produces:\n\n- not byte-identical (no model's weights changed, so "
+                            "nothing may differ): evaluate: metrics/under30.json (mse.mean: "
+                            f"committed {edited}, reproduced {real})\n\n"), verdict
+    summary = report.split("## Metrics", 1)[1].split("## Params", 1)[0]
+    assert str(edited) not in summary  # only reproduced numbers are shown
+    table = rerun_table(report)
+    assert table["train@under30"] == "byte-identical"
+    assert table["evaluate"] == "metrics differ"
+
+
+def test_numbers_edited_without_dvc_lock_fail_review_naming_both_values(flow):
+    """A branch of main sets under30's mse.mean to 0.001 and a replica's mse in
+    reports/details.json to 0.0005 by hand, committed without touching dvc.lock: nothing but the
+    edited files tells the review to re-run, and the committed files are not what the re-run
+    records in dvc.lock. Each is named with its committed and its reproduced value, and the
+    summary shows only reproduced numbers."""
+    report, main = flow["third"], flow["main"]
+    mean = json.loads(main["outputs"]["metrics/under30.json"])["mse"]["mean"]
+    replica = main["details"]["under30"]["replicas"][0]["mse"]
+    verdict = report.split("## Metrics", 1)[0]
+    assert "**Not reproduced**" in verdict and "**Reproduced**" not in verdict
+    what = "committed, but not what dvc.lock records for `evaluate` (`dvc status`: modified): " \
+           "edited without its dvc.lock; "
+    assert f"- metrics/under30.json: {what}mse.mean: committed 0.001, reproduced {mean}\n" \
+        in verdict
+    assert f"- reports/details.json: {what}under30.replicas.0.mse: committed 0.0005, " \
+           f"reproduced {replica}\n" in verdict
+    metrics = report.split("## Metrics", 1)[1]
+    assert "as re-run here" in metrics.splitlines()[0]
+    summary = metrics.split("## Params", 1)[0]
+    assert "0.001 " not in summary and "0.0005" not in summary
+    assert "- 2 models bit-identical: " in summary  # BASE → the reproduced numbers
+    assert "| evaluate | dvc status: changed outs | " in report
 
 
 def processes_in(repo: Path) -> dict[int, str]:
@@ -254,8 +372,8 @@ def processes_in(repo: Path) -> dict[int, str]:
     return found
 
 
-def test_killing_dvc_repro_stops_the_trainer_and_changes_no_committed_file(repos):
-    repo = repos["b"]
+def test_killing_dvc_repro_stops_the_trainer_and_changes_no_committed_file(flow):
+    repo = flow["work"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["models"]["under30"]["epochs"] = 500  # long enough to be killed mid-training
     params["train"]["workers"] = 2  # its two replicas in two workers, whatever the cores
@@ -267,8 +385,7 @@ def test_killing_dvc_repro_stops_the_trainer_and_changes_no_committed_file(repos
     weights = files_under(repo)
     sh(repo, "python", "-m", "aebench.warm", "--start")  # the stage runs in the server's fork
     dvc = subprocess.Popen(["dvc", "repro", "train@under30"], cwd=repo, env=env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           preexec_fn=as_from_a_shell)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_training(db)
     assert any("aebench.warm --serve" in cmd for cmd in processes_in(repo).values())
     for _ in range(600):  # and both workers have started (their imports take seconds)
@@ -331,15 +448,15 @@ def status_of(repo: Path, stage: str) -> list:
     return json.loads(sh(repo, "dvc", "status", "--json", stage).strip() or "{}").get(stage, [])
 
 
-def test_an_interrupted_or_failed_retrain_keeps_the_last_weights(repos):
-    repo = repos["b"]  # under30 at 500 epochs: its trainer runs long enough to be interrupted
+def test_an_interrupted_or_failed_retrain_keeps_the_last_weights(flow):
+    repo = flow["work"]  # under30 at 500 epochs: its trainer runs long enough to be interrupted
     weights = files_under(repo)
     db = sqlite3.connect(repo / "mlflow.db")
     sh(repo, "python", "-m", "aebench.warm", "--start")  # the stage runs in the server's fork
     # Ctrl-C in the terminal: SIGINT to DVC and the stage's command, their process group
     dvc = subprocess.Popen(["dvc", "repro", "train@under30"], cwd=repo, env=env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True, preexec_fn=as_from_a_shell)
+                           start_new_session=True)
     wait_for_training(db)
     assert any("aebench.warm --serve" in cmd for cmd in processes_in(repo).values())
     os.killpg(dvc.pid, signal.SIGINT)
@@ -353,8 +470,7 @@ def test_an_interrupted_or_failed_retrain_keeps_the_last_weights(repos):
         output_activation="relu", optimizer={"name": "adam", "lr": 1.0e6, "weight_decay": 0.0})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     failed = subprocess.run(["dvc", "repro", "train@under30"], cwd=repo, env=env(),
-                            capture_output=True, text=True, timeout=600,
-                            preexec_fn=as_from_a_shell)
+                            capture_output=True, text=True, timeout=600)
     assert failed.returncode != 0 and "the run diverged" in failed.stderr + failed.stdout
     assert files_under(repo) == weights and no_temporaries(repo)
     # DVC sees new params, and the weights it recorded still in place (not "deleted")

@@ -41,7 +41,7 @@ def main(args):
         print("to stdout")
         out.write_text(json.dumps({
             "argv": sys.argv, "cwd": os.getcwd(), "name": __name__, "pid": os.getpid(),
-            "env": os.environ.get("DVC_TOY"), "warm": "torch" in sys.modules,
+            "env": os.environ.get("DVC_TOY"), "warm": "toylib" in sys.modules,
             "mlflow": "mlflow" in sys.modules}))
     elif args.mode == "sleep":
         out.write_text(str(os.getpid()))
@@ -62,7 +62,8 @@ if __name__ == "__main__":
     cli.run(main, USAGE, __doc__)
 '''
 
-# A stage whose imports set a default in the environment, as aebench.kinds sets oneDNN's ISA cap.
+# A stage whose imports set a default in the environment, as aebench.kinds sets oneDNN's ISA cap
+# (torch comes with it: only the test that needs it writes this stage).
 IMPORTS = '''import json, os, sys
 from pathlib import Path
 from aebench import kinds  # noqa: F401 - sets ONEDNN_MAX_CPU_ISA unless the caller has
@@ -146,7 +147,8 @@ def test_a_warm_stage_sees_what_python_m_would_show_it(toy, tmp_path):
                    DVC_TOY="x")
         assert (proc.returncode, proc.stdout, proc.stderr) == (0, "to stdout\n", ""), proc.stderr
         seen[on] = json.loads((tmp_path / "r.json").read_text())
-    assert seen[True].pop("warm") and not seen[False].pop("warm")  # torch came with the fork
+    # toylib, which another stage imports, came with the fork
+    assert seen[True].pop("warm") and not seen[False].pop("warm")
     assert seen[True].pop("pid") != seen[False].pop("pid")
     assert seen[True] == seen[False] == {
         "argv": [str(toy / "stages" / "toy.py"), "report", str(tmp_path / "r.json")],
@@ -234,27 +236,33 @@ def test_a_stage_run_from_a_subfolder_says_run_from_the_project_root(toy, warm_o
            "(the folder with dvc.yaml)\n")
 
 
-def test_what_a_stages_imports_set_in_the_environment_a_warm_stage_has_too(toy, tmp_path):
+def test_what_a_stages_imports_set_in_the_environment_a_warm_stage_has_too(tmp_path):
     """The server imported aebench.kinds before the fork, and the forked stage takes its
     command's environment: the default the import set (oneDNN's AVX2 cap: the same bytes on any
     node) must survive that, and a value the command sets must win, as in a cold stage."""
+    root = toy_root(tmp_path / "imports")
+    (root / "stages" / "imports.py").write_text(IMPORTS)
     out = tmp_path / "seen.json"
     for extra, cap in (({}, "AVX2"), ({"ONEDNN_MAX_CPU_ISA": "ALL"}, "ALL")):
-        assert run(toy, "--start", warm_on=True, **extra).returncode == 0  # its own server
+        assert run(root, "--start", warm_on=True, **extra).returncode == 0  # its own server
         for on in (False, True):
-            proc = run(toy, "stages.imports", str(out), warm_on=on, **extra)
+            proc = run(root, "stages.imports", str(out), warm_on=on, **extra)
             assert proc.returncode == 0, proc.stderr
             seen, parent = json.loads(out.read_text())
             assert (seen, parent in servers().values()) == (cap, on)
 
 
 def toy_root(root: Path) -> Path:
-    """A project: stages/toy.py, and .dvc/ (where the servers' private folder goes)."""
+    """A project: stages/toy.py; stages/other.py, which imports the project's toylib.py, so
+    that a stage forked from a server has toylib and a cold one does not (the toy stages import
+    no torch: a server of this project starts in a fraction of a second of CPU); and .dvc/
+    (where the servers' private folder goes)."""
     (root / "stages").mkdir(parents=True)
     (root / ".dvc").mkdir()
     (root / "stages" / "__init__.py").write_text("")
     (root / "stages" / "toy.py").write_text(TOY)
-    (root / "stages" / "imports.py").write_text(IMPORTS)
+    (root / "stages" / "other.py").write_text("import toylib  # noqa: F401\n")
+    (root / "toylib.py").write_text("")
     return root
 
 

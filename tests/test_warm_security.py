@@ -54,7 +54,7 @@ def main(out):
         "mode": oct(os.stat(f"{out}.big").st_mode & 0o777),
         "affinity": sorted(os.sched_getaffinity(0)), "nice": os.getpriority(os.PRIO_PROCESS, 0),
         "cgroup": Path("/proc/self/cgroup").read_text(), "wrote": wrote,
-        "warm": "torch" in sys.modules}))
+        "warm": "toylib" in sys.modules}))
 
 
 if __name__ == "__main__":
