@@ -306,9 +306,9 @@ def project_copy(project: Project, tmp_path: Path, monkeypatch) -> Path:
 
 
 # The module whose one flow is the suite's longest fixture (test_e2e_pipeline.py, about two
-# minutes of a core) starts first, on one xdist worker, while the other works through the rest;
-# xdist's own order (most tests first, `--dist loadfile`) would start it last. The Makefile's
-# `--no-loadscope-reorder` keeps this order.
+# minutes of one worker) starts first, while the other workers go through the rest; xdist's own
+# order (most tests first) would start it last. The Makefile's `--no-loadscope-reorder` keeps
+# this order.
 FIRST = ("test_e2e_pipeline.py",)
 
 

@@ -1,10 +1,12 @@
 """`aebench review`'s parts, on tiny hand-made pipelines (no training): its errors, a failing
-stage, --output, forged outputs and YAML alias bombs; and the workflow that runs it in CI. A
-pull request's whole flow, on the real pipeline, is in test_e2e_pipeline.py."""
+stage, numbers edited without their dvc.lock, --output, forged outputs and YAML alias bombs;
+and the workflow that runs it in CI. A pull request's whole flow on the real pipeline (a
+reproduced PR, a hand-edited metric `dvc commit`ted) is in test_e2e_pipeline.py."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -128,11 +130,6 @@ def test_a_failing_stage_is_exit_2_with_a_report(small_repo, env):
     # nothing was reproduced, so no number is shown (the committed ones are not checked)
     assert "Not shown: the re-run stopped, so no number here was reproduced." in text
     assert "bit-identical: m" not in text
-    assert text == proc.stdout  # the report on stdout too
-    # no remote: said before the work, in one line naming what will run
-    assert proc.stderr.splitlines()[0] == (
-        "aebench review: no DVC remote is configured (`dvc remote default` names none), so "
-        "every output this clone lacks is re-made: 1 stage: s")
 
 
 RUN_SH = """mkdir -p metrics reports
@@ -166,10 +163,49 @@ def tiny_pipeline(root: Path, env) -> None:
     sh(env, root, "git", "commit", "-qm", "base")
 
 
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data) + "\n")
+
+
 def review_of(root: Path, env, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "aebench", "review", *args], cwd=root,
                           env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
                           timeout=300)
+
+
+def test_numbers_edited_without_their_lock_fail_review_with_both_values(small_repo, env):
+    """The PR edits a metric and a replica's value in reports/details.json by hand and commits
+    them without touching dvc.lock: the re-run reproduces dvc.lock, but the committed files are
+    not what it records. Each is named with its committed and its reproduced value, and the
+    summary shows only reproduced numbers."""
+    root = small_repo
+    tiny_pipeline(root, env)
+    edit_json(root / "metrics" / "m.json", lambda d: d["mse"].update(mean=0.001))
+    edit_json(root / "reports" / "details.json",
+              lambda d: d["m"]["replicas"][1].update(mse=0.0005))
+    sh(env, root, "git", "commit", "-qam", "pr: better numbers")
+    proc = review_of(root, env, "HEAD~1", "--output", "../r.md")
+    assert proc.returncode == 1, proc.stderr
+    report = (root.parent / "r.md").read_text()
+    assert report == proc.stdout
+    verdict = report.split("## Metrics", 1)[0]
+    assert "**Not reproduced**" in verdict and "**Reproduced**" not in verdict
+    what = "committed, but not what dvc.lock records for `s` (`dvc status`: modified): edited " \
+           "without its dvc.lock; "
+    assert f"- metrics/m.json: {what}mse.mean: committed 0.001, reproduced 0.1\n" in verdict
+    assert f"- reports/details.json: {what}m.replicas.1.mse: committed 0.0005, reproduced " \
+           "0.12\n" in verdict
+    summary = report.split("## Metrics", 1)[1].split("## Params", 1)[0]
+    assert "as re-run here" in report.split("## Metrics", 1)[1].splitlines()[0]
+    assert "0.001" not in summary and "0.0005" not in summary
+    assert "- 1 model bit-identical: m" in summary  # BASE → the reproduced numbers
+    assert "| s | dvc status: changed outs | " in report
+    # no remote: said before the work, in one line naming what will run
+    first = proc.stderr.splitlines()[0]
+    assert first == ("aebench review: no DVC remote is configured (`dvc remote default` names "
+                     "none), so every output this clone lacks is re-made: 1 stage: s")
 
 
 def test_an_unwritable_output_is_refused_before_any_work(small_repo, env):
