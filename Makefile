@@ -32,14 +32,12 @@ repro: $(STAMP)
 	$(BIN)/python -m aebench.yaml_bounds
 	$(BIN)/dvc repro
 
-# Three pytest workers (pytest-xdist), each test file on one worker (its module fixtures, such
-# as test_e2e_pipeline.py's `dvc repro` flow, built once). That flow holds one worker for about
-# two minutes, started first (tests/conftest.py); two more share the rest. On two cores the third
-# worker fills the time the others spend waiting (sleeps, servers' idle times, subprocesses):
-# 2 min 45 s against 3 min 12 s with two. The 10 slowest tests are listed at the end
-# (docs/code.md says why each is slow).
+# One pytest worker per core (pytest-xdist), each test file on one worker (its module fixtures,
+# such as test_e2e_pipeline.py's `dvc repro` flow, built once); that flow, the longest, starts
+# first (tests/conftest.py; `--no-loadscope-reorder` keeps the order). The 10 slowest tests are
+# listed at the end (docs/code.md says why each is slow).
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder --durations=10
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder --durations=10
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

@@ -223,9 +223,9 @@ AT_MOST_AVX2 = {"Intel SSE4.1", "Intel AVX", "Intel AVX2"}
                     reason="ONEDNN_MAX_CPU_ISA's values are x86-64's")
 def test_convolutions_use_at_most_avx2_unless_the_user_says_otherwise():
     """The same bytes on AVX2 and AVX-512 nodes (conv16 differed in the 8th digit): aebench caps
-    oneDNN at AVX2 by default; a user's ONEDNN_MAX_CPU_ISA wins (SSE41 here, ALL for native
-    kernels: any value the user sets is left alone). oneDNN
-    reads the variable at its first primitive, after aebench's imports: a value set then rules."""
+    oneDNN at AVX2 by default; a user's ONEDNN_MAX_CPU_ISA wins (SSE41 here; ALL for native
+    kernels: any value the user sets is left alone). oneDNN reads the variable at its first
+    primitive, after aebench's imports: a value set then rules."""
     cap, isa = onednn_isa()
     if isa is None:
         pytest.skip("this torch's oneDNN prints no verbose lines (built without it?)")
