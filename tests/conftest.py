@@ -269,6 +269,11 @@ def build_project(root: Path, uri: str) -> Project:
         labels, images = make_split(n, seed=i)
         write_mnist_csv(root / "data" / "csv" / f"mnist_{split}.csv", labels, images)
     write_pca_curve(root / "plots" / "pca_curve.csv")
+    # As the warm server does before it forks a stage: the first optimizer of a process imports
+    # torch's compiler (1 s of CPU), which the train stage's forked workers then each need not.
+    import torch
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(root)

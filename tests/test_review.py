@@ -75,10 +75,8 @@ def test_within_seed_noise_where_weights_differ():
         "(within noise; spread ×10)"]
 
 
-@pytest.fixture
-def small_repo(tmp_path, env):
-    """An empty git + DVC repository in tmp_path/repo (tmp_path: room for outputs beside it)."""
-    root = tmp_path / "repo"
+def init_repo(root: Path, env) -> Path:
+    """An empty git + DVC repository in `root`."""
     root.mkdir()
     sh(env, root, "git", "init", "-q")
     sh(env, root, "git", "config", "user.email", "t@example.com")
@@ -86,6 +84,12 @@ def small_repo(tmp_path, env):
     sh(env, root, "dvc", "init", "-q")
     sh(env, root, "git", "commit", "-qm", "init")
     return root
+
+
+@pytest.fixture
+def small_repo(tmp_path, env):
+    """An empty git + DVC repository in tmp_path/repo (tmp_path: room for outputs beside it)."""
+    return init_repo(tmp_path / "repo", env)
 
 
 def test_review_errors_are_one_line_and_exit_2(small_repo, env):
@@ -152,15 +156,25 @@ PIPELINE = """stages:
 """
 
 
-def tiny_pipeline(root: Path, env) -> None:
-    """Commit `base`: a one-stage pipeline (no training) that writes metrics/m.json (mse 0.1)
-    and reports/details.json, run and committed with its dvc.lock."""
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, env) -> Path:
+    """A repository whose commit `base` holds a one-stage pipeline (no training) that writes
+    metrics/m.json (mse 0.1) and reports/details.json, run and committed with its dvc.lock;
+    built once, for tiny_pipeline to copy."""
+    root = init_repo(tmp_path_factory.mktemp("tiny") / "repo", env)
     (root / "dvc.yaml").write_text(PIPELINE)
     (root / "params.yaml").write_text("p: 1\n")
     (root / "run.sh").write_text(RUN_SH)
     sh(env, root, "dvc", "repro", "-q")
     sh(env, root, "git", "add", "-A")
     sh(env, root, "git", "commit", "-qm", "base")
+    return root
+
+
+@pytest.fixture
+def tiny_pipeline(tiny_base, tmp_path) -> Path:
+    """A copy of tiny_base in tmp_path/repo (tmp_path: room for outputs beside it)."""
+    return Path(shutil.copytree(tiny_base, tmp_path / "repo", symlinks=True))
 
 
 def edit_json(path: Path, change) -> None:
@@ -175,13 +189,12 @@ def review_of(root: Path, env, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_numbers_edited_without_their_lock_fail_review_with_both_values(small_repo, env):
+def test_numbers_edited_without_their_lock_fail_review_with_both_values(tiny_pipeline, env):
     """The PR edits a metric and a replica's value in reports/details.json by hand and commits
     them without touching dvc.lock: the re-run reproduces dvc.lock, but the committed files are
     not what it records. Each is named with its committed and its reproduced value, and the
     summary shows only reproduced numbers."""
-    root = small_repo
-    tiny_pipeline(root, env)
+    root = tiny_pipeline
     edit_json(root / "metrics" / "m.json", lambda d: d["mse"].update(mean=0.001))
     edit_json(root / "reports" / "details.json",
               lambda d: d["m"]["replicas"][1].update(mse=0.0005))
@@ -208,9 +221,8 @@ def test_numbers_edited_without_their_lock_fail_review_with_both_values(small_re
                      "none), so every output this clone lacks is re-made: 1 stage: s")
 
 
-def test_an_unwritable_output_is_refused_before_any_work(small_repo, env):
-    root = small_repo
-    tiny_pipeline(root, env)
+def test_an_unwritable_output_is_refused_before_any_work(tiny_pipeline, env):
+    root = tiny_pipeline
     (root / "run.sh").write_text("touch ran\n" + RUN_SH)
     sh(env, root, "dvc", "commit", "-q", "-f")
     sh(env, root, "git", "commit", "-qam", "head")
@@ -234,11 +246,10 @@ BOMB = 'a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]\n' + "".join(
 
 
 @pytest.mark.parametrize("name", ["params.yaml", "dvc.yaml", "dvc.lock"])
-def test_a_yaml_alias_bomb_is_refused_before_dvc_reads_it(small_repo, env, name):
+def test_a_yaml_alias_bomb_is_refused_before_dvc_reads_it(tiny_pipeline, env, name):
     """Nine levels of anchors (4.4 billion nodes expanded) in a file DVC reads: one line naming it,
     exit 2, in seconds and little memory (DVC itself grows to gigabytes on it)."""
-    root = small_repo
-    tiny_pipeline(root, env)
+    root = tiny_pipeline
     with (root / name).open("a") as f:
         f.write(BOMB if name != "dvc.yaml" else "\nvars:\n  - " + BOMB.replace("\n", "\n    "))
     sh(env, root, "git", "commit", "-qam", "pr: a bomb")
