@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
 # A runner started in the background (`make test &` in a script, nohup) hands pytest SIGINT
@@ -271,8 +272,6 @@ def build_project(root: Path, uri: str) -> Project:
     write_pca_curve(root / "plots" / "pca_curve.csv")
     # As the warm server does before it forks a stage: the first optimizer of a process imports
     # torch's compiler (1 s of CPU), which the train stage's forked workers then each need not.
-    import torch
-
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -310,7 +309,7 @@ def project_copy(project: Project, tmp_path: Path, monkeypatch) -> Path:
     return root
 
 
-# The module whose one flow is the suite's longest fixture (test_e2e_pipeline.py, about two
+# The module whose one flow is the suite's longest fixture (test_e2e_pipeline.py, about 1.5
 # minutes of one worker) starts first, while the other workers go through the rest; xdist's own
 # order (most tests first) would start it last. The Makefile's `--no-loadscope-reorder` keeps
 # this order.

@@ -38,7 +38,7 @@ def preload() -> None:
     # its sqlite store, which aebench.tracking imports inside its functions, and the installed
     # packages, which MLflow scans to check a logged model's requirements (0.25 s), here by
     # saving a throwaway model outside the project (stages that record runs). A project whose
-    # stages do neither (a test's toy project) skips the 4 s of CPU these take. Missing, the
+    # stages do neither (a test's toy project) skips the ~5 s of CPU these take. Missing, the
     # stages fail as they would.
     if "aebench.training" in sys.modules:
         import torch
