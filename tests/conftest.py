@@ -19,6 +19,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The warm servers the tests start (one per scratch project) exit 10 s after their last stage,
 # not after the default 10 min: dozens of them, ~0.9 GB each, would fill a CI machine.
 os.environ.setdefault("AEBENCH_WARM_IDLE", "10")
+# No usage report from the DVC the tests start: the repositories they `dvc init` lack this
+# project's `core.analytics = false`, and each DVC command there left a file in the temporary
+# folder and started a process to send it (no network here: the file stayed).
+os.environ["DVC_NO_ANALYTICS"] = "1"
 
 import gzip
 import hashlib

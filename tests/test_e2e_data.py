@@ -57,8 +57,7 @@ def _dvc(cwd: Path, *args: str) -> str:
     # Each stage in its own process (AEBENCH_WARM=0): download and convert need neither torch
     # nor MLflow, which a warm server would import (7 s of CPU) and keep for 10 minutes; warm
     # and cold stages give the same bytes (test_e2e_pipeline.py)
-    env = {**os.environ, "MNIST_MIRROR": str(mirror()), "DVC_NO_ANALYTICS": "1",
-           "AEBENCH_WARM": "0",
+    env = {**os.environ, "MNIST_MIRROR": str(mirror()), "AEBENCH_WARM": "0",
            "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}  # `python` = this venv
     proc = subprocess.run([str(bindir / "dvc"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
