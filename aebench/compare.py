@@ -111,24 +111,47 @@ def noise_note(rows: list[Row], alpha: float) -> str:
             "no change.")
 
 
+def pca_note(rows: list[Row]) -> str | None:
+    """Where PCA's mse at a model's latent size differs between A and B: added (a revision
+    from before pca_mse), removed or changed."""
+    how = {}
+    for r in rows:
+        if r.a and r.b and r.a.get("pca_mse") != r.b.get("pca_mse"):
+            word = "added" if "pca_mse" not in r.a else "removed" if "pca_mse" not in r.b \
+                else "changed"
+            how.setdefault(word, []).append(r.model)
+    if not how:
+        return None
+    return "- PCA's mse at the latent size " + "; ".join(
+        f"{word} for {', '.join(models)}" for word, models in how.items()) + \
+        " (deterministic, not tested: see `dvc metrics diff`)."
+
+
 def footer(rows: list[Row], a: Side, b: Side, alpha: float) -> list[str]:
     tested = sum(r.p is not None for r in rows)
-    pca = [r.model for r in rows if r.a and r.b and r.a.get("pca_mse") != r.b.get("pca_mse")]
     lines = [
         "- mse (test MSE on [0,1] pixels) is the one metric tested: SSE/image is 784 × mse, and "
         "a test loss that only rescales mse (mse on [-1,1] pixels, half mse) would repeat its "
-        "test; a test loss of another kind (bce) gets its own p beside it, outside the verdict.",
-        "- Test: the paired t-test on the per-seed differences where both sides have the same "
-        f"seeds (from {b.details or a.details or 'the details file'}), else Welch's t-test on "
-        f"mean ± std (n). p is Holm-adjusted over the {tested} model{'s' * (tested != 1)} "
-        f"tested, so the chance of any false better/worse among them is at most α = {alpha}.",
-        "- Spread: a two-sided F test of the variance ratio, Holm-adjusted over the same "
-        f"models; flagged where it says so and the std changed ×{stats.SPREAD_FACTOR:g} or more.",
-        f"- {noise_note(rows, alpha)}"]
-    if pca:
-        lines.append(f"- PCA's mse at the latent size changed for {', '.join(pca)} "
-                     "(deterministic: see `dvc metrics diff`).")
-    return lines
+        "test; a test loss of another kind (bce) gets its own p beside it, outside the verdict."]
+    if tested:
+        lines += [
+            "- Test: the paired t-test on the per-seed differences where both sides have the "
+            f"same seeds (from {b.details or a.details or 'the details file'}), else Welch's "
+            f"t-test on mean ± std (n). p is Holm-adjusted over the {tested} "
+            f"model{'s' * (tested != 1)} tested, so the chance of any false better/worse among "
+            f"them is at most α = {alpha}.",
+            "- Spread: a two-sided F test of the variance ratio, Holm-adjusted over the same "
+            f"models; flagged where it says so and the std changed ×{stats.SPREAD_FACTOR:g} or "
+            "more.",
+            f"- {noise_note(rows, alpha)}"]
+    elif all(r.verdict == "identical" for r in rows):
+        lines.append("- No test: every model's numbers are bit-identical on both sides.")
+    else:  # what changed was added, removed, or has one run on a side
+        lines.append("- No test: no changed model has more than one run on each side.")
+        if any(r.verdict == "one run" for r in rows):
+            lines.append(f"- {noise_note(rows, alpha)}")
+    note = pca_note(rows)
+    return lines + ([note] if note else [])
 
 
 def render(rows: list[Row], a: Side, b: Side, alpha: float = stats.ALPHA,

@@ -315,7 +315,30 @@ def test_old_layout_is_still_read():
     # the same numbers, and now PCA's mse beside them: identical, not a change to test
     before, after = side({"m": SEEDS_A}), side({"m": SEEDS_A})
     after.models["m"]["pca_mse"] = 0.0177
-    assert row(changes.compare(before, after), "m").verdict == "identical"
+    rows = changes.compare(before, after)
+    assert row(rows, "m").verdict == "identical"
+    # said as added, not changed; and with nothing tested, no word of Holm or Welch
+    footer = compare.render(rows, before, after).split("| identical |", 1)[1]
+    assert footer.endswith("- No test: every model's numbers are bit-identical on both sides.\n"
+                           "- PCA's mse at the latent size added for m (deterministic, not "
+                           "tested: see `dvc metrics diff`).\n")
+    assert "Holm" not in footer and "Welch" not in footer
+
+
+def test_nothing_tested_says_why_and_a_pca_change_is_named_as_one():
+    a, b = side({"one": [0.02], "gone": SEEDS_A}), side({"one": [0.03]})
+    rows = changes.compare(a, b)
+    assert sorted((r.model, r.verdict) for r in rows) == [("gone", "removed"), ("one", "one run")]
+    text = compare.render(rows, a, b)
+    assert "- No test: no changed model has more than one run on each side.\n- With one run on " \
+           "a side nothing can be told from noise" in text
+    assert "Holm-adjusted" not in text and "PCA" not in text
+    a, b = side({"m": SEEDS_A}), side({"m": SEEDS_A})
+    a.models["m"]["pca_mse"], b.models["m"]["pca_mse"] = 0.0177, 0.0178
+    text = compare.render(changes.compare(a, b), a, b)
+    assert "Holm-adjusted over the 1 model tested" in text
+    assert text.endswith("- PCA's mse at the latent size changed for m (deterministic, not "
+                         "tested: see `dvc metrics diff`).\n")
 
 
 BAD = [
