@@ -17,7 +17,7 @@ from ..files import read_json, rounded
 from .description import description, figures, ranking
 from .models import find_logged, sha256_file
 from .registry import set_best
-from .runs import COLOR_TAG, OTHER_COLOR, active_run, end_stale_runs, quoted, tracked_run
+from .runs import COLOR_TAG, OTHER_COLOR, active_run, end_stale_runs, quoted, tidy, tracked_run
 from .store import common_tags, store_errors
 
 if TYPE_CHECKING:  # mlflow is imported inside the functions: importing it costs seconds
@@ -85,7 +85,7 @@ def log_evaluation(name: str, index: int, weights_sha256: str, metrics: Mapping[
             store_errors():
         if dataset is not None:
             mlflow.log_input(dataset, context="test")
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, model_id=model_id,
+        mlflow.log_metrics({k: tidy(v) for k, v in metrics.items()}, model_id=model_id,
                            dataset=dataset)
     return model_id
 
@@ -175,15 +175,15 @@ def log_results(headline: Mapping[str, Mapping[str, Any]],
         h, pca = headline[name], details[name]["pca"]
         metrics = {}
         if pca["k"] < N_PIXELS:  # else PCA is exact: no PCA MSE to compare with
-            metrics["pca_mse"] = float(pca["mse"])
+            metrics["pca_mse"] = tidy(pca["mse"])
             if pca["mse"]:
                 metrics["mse_over_pca"] = rounded(h["mse"]["mean"] / pca["mse"])
         if best > 0:
             metrics["mse_over_best"] = rounded(h["mse"]["mean"] / best)
         for key, stat in h.items():
             if isinstance(stat, Mapping):
-                metrics[_metric_name(key)] = float(stat["mean"])
-                metrics[f"{_metric_name(key)}_std"] = float(stat["std"])
+                metrics[_metric_name(key)] = tidy(stat["mean"])
+                metrics[f"{_metric_name(key)}_std"] = tidy(stat["std"])
         color = next((r.data.tags[COLOR_TAG] for r in replicas
                       if r.data.tags.get("model") == name and COLOR_TAG in r.data.tags), None)
         model_tags = {**tags, "model": name, "replicas": str(h["n"]),
