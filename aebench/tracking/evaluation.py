@@ -177,9 +177,9 @@ def log_results(headline: Mapping[str, Mapping[str, Any]],
         if pca["k"] < N_PIXELS:  # else PCA is exact: no PCA MSE to compare with
             metrics["pca_mse"] = tidy(pca["mse"])
             if pca["mse"]:
-                metrics["mse_over_pca"] = rounded(h["mse"]["mean"] / pca["mse"])
+                metrics["mse_over_pca"] = tidy(h["mse"]["mean"] / pca["mse"])
         if best > 0:
-            metrics["mse_over_best"] = rounded(h["mse"]["mean"] / best)
+            metrics["mse_over_best"] = tidy(h["mse"]["mean"] / best)
         for key, stat in h.items():
             if isinstance(stat, Mapping):
                 metrics[_metric_name(key)] = tidy(stat["mean"])
